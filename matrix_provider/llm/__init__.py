@@ -1,0 +1,1 @@
+"""LLM serving: one async OpenAI-compatible client and the backends it talks to."""

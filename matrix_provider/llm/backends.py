@@ -1,0 +1,109 @@
+"""Deploy the backend a spec names and return how agents reach it.
+
+Served backends (`embedded`, `sim`, `vllm`, `sglang`, `azure_openai`, `gemini`) become Ray Serve
+applications behind Serve's HTTP proxy on 127.0.0.1; `openai` points at endpoints that already
+exist. Every backend is probed before any row is admitted, so a dead endpoint or a missing key
+fails the run at once with one message.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import httpx
+
+from matrix_provider.llm.client import ClientConfig
+from matrix_provider.llm.spec import (
+    AzureOpenAISpec,
+    EmbeddedSpec,
+    GeminiSpec,
+    OpenAISpec,
+    SGLangSpec,
+    SimSpec,
+    VLLMSpec,
+)
+
+DEFAULT_SERVE_PORT = 8000
+
+
+class BackendError(RuntimeError):
+    """The LLM backend cannot serve this run; the message says why and what to do."""
+
+
+def app_name(spec: Any) -> str:
+    return getattr(spec, "app_name", None) or f"matrix-{spec.backend.replace('_', '-')}"
+
+
+def serve_port() -> int:
+    return int(os.environ.get("MATRIX_SERVE_PORT", DEFAULT_SERVE_PORT))
+
+
+def build_app(spec: Any) -> Any:
+    """The Serve application for a served backend (not yet running)."""
+    from matrix_provider.llm import gpu_engines, serve_apps
+
+    options = {"num_replicas": spec.replicas, "ray_actor_options": {"num_cpus": spec.num_cpus}}
+    payload = spec.model_dump(mode="json")
+    if isinstance(spec, SimSpec):
+        return serve_apps.SimServer.options(name="sim", **options).bind(payload)
+    if isinstance(spec, EmbeddedSpec):
+        return serve_apps.EmbeddedServer.options(name="embedded", **options).bind(payload)
+    if isinstance(spec, AzureOpenAISpec | GeminiSpec):
+        return serve_apps.ProxyServer.options(name=spec.backend, **options).bind(payload)
+    if isinstance(spec, VLLMSpec | SGLangSpec):
+        return gpu_engines.build_openai_app(spec)
+    raise BackendError(f"backend {spec.backend!r} is not served by matrix")
+
+
+def deploy(spec: Any) -> ClientConfig:
+    """Start (or reuse) the backend's Serve app and return the client's view of it."""
+    if isinstance(spec, OpenAISpec):
+        return client_config(spec, tuple(spec.endpoints))
+    from ray import serve
+
+    name = app_name(spec)
+    serve.start(http_options={"host": "127.0.0.1", "port": serve_port()})
+    try:
+        serve.run(build_app(spec), name=name, route_prefix=f"/{name}")
+    except ImportError as exc:
+        raise BackendError(f"backend {spec.backend!r} needs its engine installed on the cluster: {exc}") from None
+    return client_config(spec, (f"http://127.0.0.1:{serve_port()}/{name}/v1",))
+
+
+def client_config(spec: Any, endpoints: tuple[str, ...]) -> ClientConfig:
+    return ClientConfig(
+        endpoints=endpoints,
+        model=spec.model,
+        timeout_s=spec.timeout_s,
+        retries=spec.retries,
+        backoff_s=spec.backoff_s,
+        max_connections=spec.max_connections,
+        sticky_buckets=getattr(spec, "sticky_buckets", 256),
+        api_key_env=getattr(spec, "api_key_env", None) if isinstance(spec, OpenAISpec) else None,
+    )
+
+
+def probe(config: ClientConfig, timeout_s: float = 120.0) -> None:
+    """One tiny request per endpoint; raise BackendError naming the first that cannot answer."""
+    headers = {}
+    if config.api_key_env:
+        key = os.environ.get(config.api_key_env)
+        if not key:
+            raise BackendError(f"API key missing: environment variable {config.api_key_env} is not set")
+        headers["Authorization"] = f"Bearer {key}"
+    body = {"model": config.model, "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1}
+    for endpoint in config.endpoints:
+        try:
+            resp = httpx.post(f"{endpoint.rstrip('/')}/chat/completions", json=body, headers=headers,
+                              timeout=timeout_s)
+        except httpx.HTTPError as exc:
+            raise BackendError(f"LLM endpoint {endpoint} is unreachable ({type(exc).__name__}); "
+                               "check the URL and that the server is running") from None
+        if resp.status_code in (401, 403):
+            raise BackendError(f"LLM endpoint {endpoint} refused the API key (HTTP {resp.status_code})")
+        if resp.status_code == 404:
+            raise BackendError(f"LLM endpoint {endpoint} has no model {config.model!r} or no such route (HTTP 404)")
+        if resp.status_code >= 500 and resp.status_code != 503:
+            # A simulator with injected faults may answer 500 to the probe; only refusal is fatal.
+            continue

@@ -1,0 +1,217 @@
+"""One async OpenAI-compatible client for every LLM role.
+
+It balances over the endpoints of a backend with rendezvous hashing on a sticky key, so every
+turn of one row lands on the same replica (prefix-cache reuse), and sends the same key as Ray
+Serve's multiplexed-model header so a Serve app with several replicas keeps it sticky too.
+Retries 429/5xx/connection errors/timeouts with exponential backoff and jitter (tenacity);
+other 4xx (a prompt longer than the context, say) fail the step at once with the server's reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+
+SERVE_STICKY_HEADER = "serve_multiplexed_model_id"
+REPLICA_HEADER = "x-matrix-replica"
+_UNHEALTHY_FOR_S = 5.0
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """What an agent needs to reach a deployed backend (no secrets: only the key's env var name)."""
+
+    endpoints: tuple[str, ...]
+    model: str
+    timeout_s: float = 60.0
+    retries: int = 4
+    backoff_s: float = 0.25
+    max_connections: int = 1024
+    sticky_buckets: int = 256
+    api_key_env: str | None = None
+
+
+class LLMError(RuntimeError):
+    """A request failed for good; `retryable` says whether the whole step may be tried again."""
+
+    def __init__(self, message: str, *, status: int | None = None, retryable: bool = False):
+        super().__init__(message)
+        self.status = status
+        self.retryable = retryable
+
+
+@dataclass
+class Completion:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str | None = None
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    replica: str | None = None
+    attempts: int = 1
+
+
+@dataclass
+class ClientStats:
+    requests: int = 0
+    retries: int = 0
+    failures: int = 0
+
+
+def _retryable(exc: BaseException) -> bool:
+    return isinstance(exc, LLMError) and exc.retryable
+
+
+def _score(key: str, endpoint: str) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{key}|{endpoint}".encode(), digest_size=8).digest(), "big")
+
+
+class LLMClient:
+    """Async client shared by all tasks of one agent actor."""
+
+    def __init__(self, config: ClientConfig):
+        if not config.endpoints:
+            raise ValueError("LLM client needs at least one endpoint")
+        self.config = config
+        self.stats = ClientStats()
+        self._unhealthy_until: dict[str, float] = {}
+        headers = {}
+        if config.api_key_env:
+            key = os.environ.get(config.api_key_env)
+            if not key:
+                raise LLMError(f"environment variable {config.api_key_env} (the API key) is not set")
+            headers["Authorization"] = f"Bearer {key}"
+        limits = httpx.Limits(
+            max_connections=config.max_connections, max_keepalive_connections=config.max_connections
+        )
+        self._http = httpx.AsyncClient(
+            headers=headers, limits=limits, timeout=httpx.Timeout(config.timeout_s, connect=10.0)
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    def sticky_bucket(self, key: str) -> str:
+        digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
+        return f"b{int.from_bytes(digest, 'big') % self.config.sticky_buckets}"
+
+    def pick_endpoint(self, key: str) -> str:
+        """Highest rendezvous score among healthy endpoints: stable per key, even spread over keys."""
+        now = time.monotonic()
+        healthy = [e for e in self.config.endpoints if self._unhealthy_until.get(e, 0.0) <= now]
+        return max(healthy or self.config.endpoints, key=lambda e: _score(key, e))
+
+    async def chat(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        sticky_key: str,
+        max_tokens: int,
+        temperature: float = 0.0,
+        response_format: dict[str, Any] | None = None,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> Completion:
+        body: dict[str, Any] = {
+            "model": self.config.model,
+            "messages": messages,
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+        }
+        if response_format is not None:
+            body["response_format"] = response_format
+        if tools:
+            body["tools"] = tools
+        return await self._request("/chat/completions", body, sticky_key)
+
+    async def complete(
+        self, prompt: str, *, sticky_key: str, max_tokens: int, temperature: float = 0.0
+    ) -> Completion:
+        body = {
+            "model": self.config.model,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+        }
+        return await self._request("/completions", body, sticky_key)
+
+    async def _request(self, path: str, body: dict[str, Any], sticky_key: str) -> Completion:
+        bucket = self.sticky_bucket(sticky_key)
+        attempts = 0
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.config.retries + 1),
+            wait=wait_exponential_jitter(initial=self.config.backoff_s, max=30.0),
+            retry=retry_if_exception(_retryable),
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    attempts += 1
+                    if attempts > 1:
+                        self.stats.retries += 1
+                    completion = await self._once(path, body, bucket)
+                    completion.attempts = attempts
+                    return completion
+        except LLMError:
+            self.stats.failures += 1
+            raise
+        raise AssertionError("unreachable")
+
+    async def _once(self, path: str, body: dict[str, Any], bucket: str) -> Completion:
+        endpoint = self.pick_endpoint(bucket)
+        self.stats.requests += 1
+        try:
+            resp = await self._http.post(
+                endpoint.rstrip("/") + path, json=body, headers={SERVE_STICKY_HEADER: bucket}
+            )
+        except httpx.TimeoutException:
+            raise LLMError(f"LLM request to {endpoint} timed out", retryable=True) from None
+        except httpx.TransportError as exc:
+            self._unhealthy_until[endpoint] = time.monotonic() + _UNHEALTHY_FOR_S
+            raise LLMError(f"LLM endpoint {endpoint} unreachable: {type(exc).__name__}", retryable=True) from None
+        if resp.status_code != 200:
+            reason = _error_text(resp)
+            retryable = resp.status_code == 429 or resp.status_code >= 500
+            raise LLMError(f"LLM HTTP {resp.status_code}: {reason}", status=resp.status_code, retryable=retryable)
+        return _parse(resp)
+
+
+def _error_text(resp: httpx.Response) -> str:
+    try:
+        payload = resp.json()
+        err = payload.get("error", payload)
+        message = err.get("message") if isinstance(err, dict) else err
+        return str(message)[:500]
+    except ValueError:
+        return resp.text[:500]
+
+
+def _parse(resp: httpx.Response) -> Completion:
+    data = resp.json()
+    choice = data["choices"][0]
+    usage = data.get("usage") or {}
+    if "message" in choice:
+        message = choice["message"]
+        text = message.get("content") or ""
+        tool_calls = message.get("tool_calls") or []
+    else:
+        text, tool_calls = choice.get("text", ""), []
+    return Completion(
+        text=text,
+        prompt_tokens=int(usage.get("prompt_tokens", 0)),
+        completion_tokens=int(usage.get("completion_tokens", 0)),
+        finish_reason=choice.get("finish_reason"),
+        tool_calls=tool_calls,
+        replica=resp.headers.get(REPLICA_HEADER),
+    )

@@ -1,0 +1,184 @@
+"""The load simulator: an OpenAI-compatible model of a continuous-batching engine.
+
+For benchmarks and fault injection only, never for real output. `slots` sequences decode at once;
+a request waits for a slot, then takes `prefill_s_per_token * prompt_tokens +
+decode_s_per_token * output_tokens`. So its completion-token capacity is exactly
+`replicas * slots / decode_s_per_token` tokens/s, and busy slot-time is counted for utilization.
+Draws (output length, faults, JSON values) come from a hash of the seed, the request body and how
+often that body was seen, so a run is deterministic given its seed while a retry can succeed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from matrix_provider.llm.spec import SimSpec
+
+_WORDS = ("the", "model", "reasons", "about", "data", "step", "answer", "because", "so", "then")
+HANG_S = 3600.0
+
+
+@dataclass
+class SimReply:
+    status: int
+    body: dict[str, Any]
+    hang: bool = False
+
+
+def count_tokens(text: str) -> int:
+    """A cheap, stable token estimate (4 characters a token)."""
+    return max(1, math.ceil(len(text) / 4))
+
+
+def prompt_text(body: dict[str, Any]) -> str:
+    if "messages" in body:
+        parts = []
+        for m in body["messages"]:
+            content = m.get("content")
+            parts.append(content if isinstance(content, str) else json.dumps(content))
+        return "\n".join(parts)
+    return str(body.get("prompt", ""))
+
+
+class SimEngine:
+    """The engine model, independent of HTTP so it can be measured directly."""
+
+    def __init__(self, spec: SimSpec):
+        self.spec = spec
+        self._slots = asyncio.Semaphore(spec.slots)
+        self._seen: dict[str, int] = {}
+        self.started = time.monotonic()
+        self.busy_slot_s = 0.0
+        self.requests = 0
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.in_flight = 0
+
+    @property
+    def capacity_tokens_per_s(self) -> float:
+        """Completion tokens/s of this replica with every slot busy (prefill excluded)."""
+        if self.spec.decode_s_per_token == 0:
+            return math.inf
+        return self.spec.slots / self.spec.decode_s_per_token
+
+    def stats(self) -> dict[str, float]:
+        return {
+            "capacity_tokens_per_s": self.capacity_tokens_per_s,
+            "slots": self.spec.slots,
+            "busy_slot_s": self.busy_slot_s,
+            "uptime_s": time.monotonic() - self.started,
+            "requests": self.requests,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "in_flight": self.in_flight,
+        }
+
+    def _rng(self, body: dict[str, Any]) -> random.Random:
+        key = hashlib.blake2b(json.dumps(body, sort_keys=True).encode(), digest_size=16).hexdigest()
+        seen = self._seen.get(key, 0)
+        self._seen[key] = seen + 1
+        return random.Random(f"{self.spec.seed}|{key}|{seen}")
+
+    def output_tokens(self, rng: random.Random, max_tokens: int) -> int:
+        s = self.spec
+        mu = math.log(s.output_tokens_mean) - s.output_tokens_sigma**2 / 2
+        draw = rng.lognormvariate(mu, s.output_tokens_sigma)
+        return max(1, min(int(round(draw)), s.output_tokens_max, max_tokens))
+
+    async def handle(self, path: str, body: dict[str, Any]) -> SimReply:
+        rng = self._rng(body)
+        roll = rng.random()
+        s = self.spec
+        if roll < s.error_rate:
+            return _error(500, "simulated server error", "server_error")
+        if roll < s.error_rate + s.rate_limit_rate:
+            return _error(429, "simulated rate limit", "rate_limit")
+        if roll < s.error_rate + s.rate_limit_rate + s.timeout_rate:
+            return SimReply(504, {}, hang=True)
+        prompt_tokens = count_tokens(prompt_text(body))
+        if prompt_tokens > s.n_ctx:
+            return _error(
+                400,
+                f"request ({prompt_tokens} tokens) exceeds the available context size ({s.n_ctx} tokens)",
+                "exceed_context_size_error",
+            )
+        max_tokens = int(body.get("max_tokens") or s.output_tokens_max)
+        out_tokens = self.output_tokens(rng, max_tokens)
+        message, out_tokens, finish = self._answer(path, body, rng, out_tokens)
+        self.requests += 1
+        self.in_flight += 1
+        try:
+            async with self._slots:
+                busy = s.prefill_s_per_token * prompt_tokens + s.decode_s_per_token * out_tokens
+                await asyncio.sleep(busy)
+                self.busy_slot_s += busy
+        finally:
+            self.in_flight -= 1
+        self.prompt_tokens += prompt_tokens
+        self.completion_tokens += out_tokens
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": out_tokens,
+                 "total_tokens": prompt_tokens + out_tokens}
+        if path.endswith("/chat/completions"):
+            choice = {"index": 0, "message": message, "finish_reason": finish}
+            obj = "chat.completion"
+        else:
+            choice = {"index": 0, "text": message["content"], "finish_reason": finish}
+            obj = "text_completion"
+        return SimReply(200, {"id": f"sim-{self.requests}", "object": obj, "model": s.model,
+                              "choices": [choice], "usage": usage})
+
+    def _answer(
+        self, path: str, body: dict[str, Any], rng: random.Random, out_tokens: int
+    ) -> tuple[dict[str, Any], int, str]:
+        tools = body.get("tools") or []
+        if tools and path.endswith("/chat/completions") and rng.random() < self.spec.tool_call_rate:
+            fn = rng.choice(tools)["function"]
+            args = fake_value(fn.get("parameters") or {"type": "object"}, rng)
+            call = {"id": f"call_{rng.getrandbits(32):08x}", "type": "function",
+                    "function": {"name": fn["name"], "arguments": json.dumps(args)}}
+            return {"role": "assistant", "content": None, "tool_calls": [call]}, out_tokens, "tool_calls"
+        fmt = body.get("response_format") or {}
+        if fmt.get("type") == "json_schema":
+            text = json.dumps(fake_value(fmt["json_schema"].get("schema", {}), rng))
+            return {"role": "assistant", "content": text}, max(out_tokens, count_tokens(text)), "stop"
+        if fmt.get("type") == "json_object":
+            return {"role": "assistant", "content": "{}"}, out_tokens, "stop"
+        text = " ".join(rng.choice(_WORDS) for _ in range(out_tokens))
+        finish = "length" if out_tokens >= int(body.get("max_tokens") or 1 << 30) else "stop"
+        return {"role": "assistant", "content": text}, out_tokens, finish
+
+
+def fake_value(schema: dict[str, Any], rng: random.Random) -> Any:
+    """A value valid for a (simple) JSON schema: objects, arrays, enums, numbers, strings, booleans.
+
+    `x-sim-true-rate` on a boolean sets how often the simulator says true, so a workload can
+    model a filter that drops most rows.
+    """
+    if "enum" in schema:
+        return rng.choice(schema["enum"])
+    kind = schema.get("type", "string")
+    if isinstance(kind, list):
+        kind = kind[0]
+    if kind == "object":
+        props = schema.get("properties", {})
+        return {name: fake_value(sub, rng) for name, sub in props.items()}
+    if kind == "array":
+        return [fake_value(schema.get("items", {}), rng) for _ in range(rng.randint(1, 3))]
+    if kind == "boolean":
+        return rng.random() < float(schema.get("x-sim-true-rate", 0.5))
+    if kind == "integer":
+        return rng.randint(int(schema.get("minimum", 0)), int(schema.get("maximum", 10)))
+    if kind == "number":
+        return rng.uniform(float(schema.get("minimum", 0.0)), float(schema.get("maximum", 1.0)))
+    return " ".join(rng.choice(_WORDS) for _ in range(rng.randint(3, 12)))
+
+
+def _error(status: int, message: str, kind: str) -> SimReply:
+    return SimReply(status, {"error": {"code": status, "message": message, "type": kind}})

@@ -1,0 +1,4 @@
+"""The Ray-side runtime: orchestrator messages, stateless agents, partition drivers, sources and sink.
+
+Nothing in here imports Airflow.
+"""

@@ -1,0 +1,189 @@
+"""Agents: stateless role replicas as async Ray actors, handing messages straight to each other.
+
+An agent takes a message from its bounded queue, runs its role (with a per-step timeout and
+retries with backoff), asks the orchestrator who acts next and enqueues the message directly on a
+replica of that role; a finished row goes to its partition driver's sink. A full queue makes the
+sender wait: that is the backpressure. The agent keeps every message it holds (queued, running or
+being handed on) in `held`, so drivers can find rows lost with a dead actor and deliver them again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+import uuid
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError
+
+from matrix_provider.llm.client import ClientConfig, LLMClient, LLMError
+from matrix_provider.runtime import names
+from matrix_provider.runtime.metrics import RoleMetrics
+from matrix_provider.runtime.orchestrator import ERROR, Orchestrator
+from matrix_provider.runtime.pipeline import load_pipeline, output_row
+from matrix_provider.runtime.roles import RowError
+from matrix_provider.runtime.spec import PipelineSpec
+
+_HANDOFF_TRIES = 30
+logger = logging.getLogger(__name__)
+
+
+class PeerDirectory:
+    """Lazily resolved handles of the other actors of a run (names survive actor restarts)."""
+
+    def __init__(self, run_id: str, replicas: dict[str, int]):
+        self.run_id = run_id
+        self.replicas = replicas
+        self._agents: dict[str, list[Any]] = {}
+        self._drivers: dict[int, Any] = {}
+        self._turn = {role: itertools.count() for role in replicas}
+
+    def agent(self, role: str) -> Any:
+        if role not in self._agents:
+            self._agents[role] = [
+                ray.get_actor(names.agent_name(self.run_id, role, i), namespace=names.NAMESPACE)
+                for i in range(self.replicas[role])
+            ]
+        handles = self._agents[role]
+        return handles[next(self._turn[role]) % len(handles)]
+
+    def all_agents(self) -> list[Any]:
+        for role in self.replicas:
+            self.agent(role)
+        return [h for handles in self._agents.values() for h in handles]
+
+    def driver(self, partition: int) -> Any:
+        if partition not in self._drivers:
+            self._drivers[partition] = ray.get_actor(
+                names.driver_name(self.run_id, partition), namespace=names.NAMESPACE
+            )
+        return self._drivers[partition]
+
+
+async def hand_off(peers: PeerDirectory, role: str, msg: Orchestrator) -> None:
+    """Enqueue on a replica of `role`, moving to the next replica while one is dead or restarting."""
+    for attempt in range(_HANDOFF_TRIES):
+        try:
+            await peers.agent(role).enqueue.remote(msg)
+            return
+        except RayActorError:
+            await asyncio.sleep(min(0.1 * (attempt + 1), 2.0))
+    raise RuntimeError(f"no replica of role {role!r} accepted row {msg.id}")
+
+
+@ray.remote(max_restarts=-1, max_task_retries=0)
+class Agent:
+    def __init__(self, run_id: str, role: str, spec_json: str, client_config: ClientConfig | None):
+        self.spec = PipelineSpec.model_validate_json(spec_json)
+        self.pipeline = load_pipeline(self.spec.pipeline)
+        self.role_name = role
+        self.role_spec = self.spec.roles[role]
+        role_cls = self.pipeline.roles[role]
+        self.llm = LLMClient(client_config) if role_cls.uses_llm and client_config else None
+        self.role = role_cls(role, self.role_spec, self.spec.params, self.llm)
+        self.peers = PeerDirectory(run_id, {r: s.replicas for r, s in self.spec.roles.items()})
+        self.incarnation = uuid.uuid4().hex
+        self.metrics = RoleMetrics(self.pipeline.name, role)
+        self.held: dict[tuple[str, int], int] = {}
+        self.queue: asyncio.Queue[Orchestrator] | None = None
+        self.running = 0
+
+    def _start(self) -> asyncio.Queue[Orchestrator]:
+        if self.queue is None:
+            self.queue = asyncio.Queue(maxsize=self.role_spec.max_concurrency)
+            for _ in range(self.role_spec.max_concurrency):
+                asyncio.get_running_loop().create_task(self._worker())
+        return self.queue
+
+    async def enqueue(self, msg: Orchestrator) -> None:
+        """Accept a message; returns once it is queued (waits while the queue is full)."""
+        queue = self._start()
+        self.held[(msg.id, msg.delivery)] = msg.partition
+        await queue.put(msg)
+        self.metrics.queue.set(queue.qsize())
+
+    async def held_rows(self) -> tuple[str, list[tuple[str, int, int]]]:
+        """(incarnation, [(row id, delivery, partition)]) for drivers' loss audits."""
+        return self.incarnation, [(i, d, p) for (i, d), p in self.held.items()]
+
+    async def stats(self) -> dict[str, Any]:
+        llm = self.llm.stats if self.llm else None
+        return {
+            "role": self.role_name,
+            "queued": self.queue.qsize() if self.queue else 0,
+            "running": self.running,
+            "llm_requests": llm.requests if llm else 0,
+            "llm_retries": llm.retries if llm else 0,
+        }
+
+    async def _worker(self) -> None:
+        assert self.queue is not None
+        while True:
+            msg = await self.queue.get()
+            self.running += 1
+            self.metrics.in_flight.set(self.running)
+            try:
+                await self._process(msg)
+            except Exception:  # never let one row stop a worker; the driver's audit re-delivers it
+                logger.exception("agent %s dropped row %s", self.role_name, msg.id)
+            finally:
+                self.running -= 1
+                self.held.pop((msg.id, msg.delivery), None)
+
+    async def _process(self, msg: Orchestrator) -> None:
+        try:
+            await msg.materialize()
+        except Exception:  # owner of an offloaded payload died: the driver re-delivers the row
+            return
+        started = time.monotonic()
+        before = dict(msg.usage)
+        await self._run_step(msg)
+        self.metrics.latency.observe(time.monotonic() - started)
+        self.metrics.processed.inc()
+        self.metrics.tokens.inc(msg.usage["prompt_tokens"] - before["prompt_tokens"], {"kind": "prompt"})
+        self.metrics.tokens.inc(
+            msg.usage["completion_tokens"] - before["completion_tokens"], {"kind": "completion"}
+        )
+        msg.hops += 1
+        next_role = None if msg.done else msg.route(self.role_name)
+        if next_role is None:
+            if not msg.done:
+                msg.finish(ERROR, f"pipeline routing after {self.role_name!r} named no role and no status")
+            await self.peers.driver(msg.partition).complete.remote(output_row(self.pipeline, msg), msg.delivery)
+            return
+        msg.next_role = next_role
+        msg.offload(self.spec.orchestrator.offload_bytes)
+        try:
+            await hand_off(self.peers, next_role, msg)
+        except RuntimeError:
+            return  # the driver's audit will see the row is gone and deliver it again
+
+    async def _run_step(self, msg: Orchestrator) -> None:
+        spec = self.role_spec
+        for attempt in range(spec.retries + 1):
+            reason, retryable = await self._attempt(msg)
+            if reason is None:
+                return
+            if not retryable or attempt == spec.retries:
+                break
+            self.metrics.retries.inc()
+            await asyncio.sleep(spec.backoff_s * (2**attempt))
+        self.metrics.errors.inc()
+        msg.finish(ERROR, reason)
+
+    async def _attempt(self, msg: Orchestrator) -> tuple[str | None, bool]:
+        """Run the role once: (None, _) on success, else (reason, whether a retry may help)."""
+        try:
+            await asyncio.wait_for(self.role.run(msg), timeout=self.role_spec.step_timeout_s)
+            return None, False
+        except RowError as exc:
+            return str(exc), False
+        except LLMError as exc:
+            return f"{self.role_name}: {exc}", exc.retryable
+        except TimeoutError:
+            return f"{self.role_name}: step timed out after {self.role_spec.step_timeout_s:g}s", True
+        except Exception as exc:
+            return f"{self.role_name}: {type(exc).__name__}: {exc}", True

@@ -1,0 +1,75 @@
+"""What a pipeline module exports: its orchestrator (routing), roles and output columns."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from matrix_provider.runtime.orchestrator import Orchestrator
+from matrix_provider.runtime.roles import Role
+
+# Columns every output row has, whatever the pipeline.
+BASE_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("error", pa.string()),
+        pa.field("deliveries", pa.int32()),
+        pa.field("prompt_tokens", pa.int64()),
+        pa.field("completion_tokens", pa.int64()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    name: str
+    orchestrator: type[Orchestrator]
+    roles: dict[str, type[Role]]
+    columns: pa.Schema
+    output: Callable[[Orchestrator], dict[str, Any]]
+    """The pipeline's own columns of a finished row (missing ones are null)."""
+
+    @property
+    def schema(self) -> pa.Schema:
+        return pa.schema(list(BASE_SCHEMA) + list(self.columns))
+
+
+def load_pipeline(name: str) -> Pipeline:
+    """`natural_reasoning` -> matrix_provider.pipelines.natural_reasoning; dotted names import as is."""
+    module_name = name if "." in name else f"matrix_provider.pipelines.{name}"
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise ValueError(f"pipeline module {module_name!r} not found ({exc})") from None
+    pipeline = getattr(module, "PIPELINE", None)
+    if not isinstance(pipeline, Pipeline):
+        raise ValueError(f"pipeline module {module_name!r} has no PIPELINE = Pipeline(...)")
+    return pipeline
+
+
+def output_row(pipeline: Pipeline, msg: Orchestrator) -> dict[str, Any]:
+    """The output row of a finished message: base columns, then the pipeline's."""
+    row: dict[str, Any] = {name: None for name in pipeline.columns.names}
+    if msg.status != "error":
+        row.update({k: v for k, v in pipeline.output(msg).items() if k in row})
+    row.update(
+        id=msg.id,
+        status=msg.status,
+        error=msg.error,
+        deliveries=msg.delivery,
+        prompt_tokens=msg.usage["prompt_tokens"],
+        completion_tokens=msg.usage["completion_tokens"],
+    )
+    return row
+
+
+def error_row(pipeline: Pipeline, row_id: str, status: str, reason: str, deliveries: int = 0) -> dict[str, Any]:
+    """An output row for input that never reached an agent (bad line, duplicate id, deadline)."""
+    row: dict[str, Any] = {name: None for name in pipeline.schema.names}
+    row.update(id=row_id, status=status, error=reason, deliveries=deliveries, prompt_tokens=0, completion_tokens=0)
+    return row

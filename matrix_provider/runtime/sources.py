@@ -1,0 +1,209 @@
+"""Input: JSONL (plain, .gz, .zst) and Parquet through fsspec, streamed, split into shards.
+
+A shard is a file, or a byte range of a large plain JSONL file, or a range of row groups of a large
+Parquet file. Every record gets a position id (`<file>@<byte>`, `<file>:<line>` or `<file>#<row>`,
+with the file relative to the input root so a local copy and an S3 copy give the same ids); its
+id is the row's id field when present, else the position id. Bad lines become error records with
+the reason instead of stopping the run.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import posixpath
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import pyarrow.parquet as pq
+import zstandard
+
+from matrix_provider.runtime.spec import IOSpec
+
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst")
+PARQUET_SUFFIXES = (".parquet", ".pq")
+
+
+class InputError(ValueError):
+    """The input cannot be read (missing, unreadable, no supported files)."""
+
+
+@dataclass(frozen=True)
+class Split:
+    path: str
+    name: str  # relative to the input root
+    kind: str  # "jsonl", "jsonl.gz", "jsonl.zst", "parquet"
+    start: int = 0  # byte offset (plain JSONL) or first row group (Parquet)
+    end: int | None = None
+    size: int = 0
+
+
+@dataclass
+class Record:
+    pos_id: str
+    id: str
+    row: dict[str, Any] | None  # None for a bad line
+    status: str | None = None  # "error" or "filtered" for a bad line
+    reason: str | None = None
+
+
+def open_fs(uri: str, storage_options: dict[str, Any]) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, path = fsspec.core.url_to_fs(uri, **storage_options)
+    return fs, path
+
+
+def _kind(path: str) -> str | None:
+    lower = path.lower()
+    if lower.endswith(PARQUET_SUFFIXES):
+        return "parquet"
+    for suffix in JSONL_SUFFIXES:
+        if lower.endswith(suffix):
+            return "jsonl" + ("." + suffix.rsplit(".", 1)[1] if suffix.endswith((".gz", ".zst")) else "")
+    return None
+
+
+def list_inputs(uri: str, io_spec: IOSpec) -> tuple[fsspec.AbstractFileSystem, list[Split]]:
+    """All input files as whole-file splits, sorted by name; raises InputError when there are none."""
+    try:
+        fs, root = open_fs(uri, io_spec.storage_options)
+        if any(ch in root for ch in "*?["):
+            paths = sorted(fs.glob(root))
+            base = root.split("*", 1)[0].rsplit("/", 1)[0]
+        elif fs.isdir(root):
+            paths = sorted(p for p in fs.find(root) if not posixpath.basename(p).startswith(("_", ".")))
+            base = root
+        elif fs.exists(root):
+            paths, base = [root], posixpath.dirname(root)
+        else:
+            raise InputError(f"input {uri!r} does not exist")
+        splits = []
+        for path in paths:
+            kind = _kind(path) if io_spec.format == "auto" else (
+                "parquet" if io_spec.format == "parquet" else _kind(path) or "jsonl")
+            if kind is None:
+                continue
+            name = posixpath.relpath(path, base) if base else posixpath.basename(path)
+            splits.append(Split(path=path, name=name, kind=kind, size=int(fs.size(path) or 0)))
+    except InputError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read input {uri!r}: {type(exc).__name__}: {exc}") from None
+    except Exception as exc:  # botocore credential/endpoint errors have no common base we can import cheaply
+        raise InputError(f"cannot read input {uri!r}: {type(exc).__name__}: {exc}") from None
+    if not splits:
+        raise InputError(f"input {uri!r} has no JSONL (.jsonl[.gz|.zst]) or Parquet files")
+    return fs, splits
+
+
+def plan(fs: fsspec.AbstractFileSystem, files: list[Split], io_spec: IOSpec, partitions: int) -> list[list[Split]]:
+    """Cut large files into ranges, then deal the splits to partitions, biggest first, least loaded."""
+    splits: list[Split] = []
+    for f in files:
+        if f.kind == "jsonl" and f.size > io_spec.split_bytes:
+            for start in range(0, f.size, io_spec.split_bytes):
+                splits.append(Split(f.path, f.name, f.kind, start, min(start + io_spec.split_bytes, f.size),
+                                    min(io_spec.split_bytes, f.size - start)))
+        elif f.kind == "parquet" and f.size > io_spec.split_bytes:
+            with fs.open(f.path, "rb") as handle:
+                meta = pq.ParquetFile(handle).metadata
+            groups = [meta.row_group(i).total_byte_size for i in range(meta.num_row_groups)]
+            start, acc = 0, 0
+            for i, nbytes in enumerate(groups):
+                acc += nbytes
+                if acc >= io_spec.split_bytes or i == len(groups) - 1:
+                    splits.append(Split(f.path, f.name, f.kind, start, i + 1, acc))
+                    start, acc = i + 1, 0
+        else:
+            splits.append(f)
+    shards: list[list[Split]] = [[] for _ in range(partitions)]
+    loads = [0] * partitions
+    for split in sorted(splits, key=lambda s: (-s.size, s.name, s.start)):
+        target = loads.index(min(loads))
+        shards[target].append(split)
+        loads[target] += max(split.size, 1)
+    for shard in shards:
+        shard.sort(key=lambda s: (s.name, s.start))
+    return shards
+
+
+def read_split(fs: fsspec.AbstractFileSystem, split: Split, io_spec: IOSpec) -> Iterator[Record]:
+    if split.kind == "parquet":
+        yield from _read_parquet(fs, split, io_spec)
+    elif split.kind == "jsonl":
+        yield from _read_jsonl_range(fs, split, io_spec)
+    else:
+        yield from _read_jsonl_compressed(fs, split, io_spec)
+
+
+def _read_jsonl_range(fs: fsspec.AbstractFileSystem, split: Split, io_spec: IOSpec) -> Iterator[Record]:
+    """Lines whose first byte lies in [start, end)."""
+    with fs.open(split.path, "rb") as handle:
+        offset = split.start
+        if offset > 0:
+            handle.seek(offset - 1)
+            offset += len(handle.readline()) - 1  # finish the line that began before our range
+        while split.end is None or offset < split.end:
+            line = handle.readline()
+            if not line:
+                break
+            yield parse_line(line, f"{split.name}@{offset}", io_spec)
+            offset += len(line)
+
+
+def _read_jsonl_compressed(fs: fsspec.AbstractFileSystem, split: Split, io_spec: IOSpec) -> Iterator[Record]:
+    with fs.open(split.path, "rb") as raw:
+        if split.kind == "jsonl.gz":
+            stream: Any = gzip.GzipFile(fileobj=raw)
+        else:
+            stream = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw))
+        for lineno, line in enumerate(stream, start=1):
+            yield parse_line(line, f"{split.name}:{lineno}", io_spec)
+
+
+def parse_line(line: bytes, pos_id: str, io_spec: IOSpec) -> Record:
+    """One JSONL line -> a record, or an error/filtered record with the reason."""
+    if len(line) > io_spec.max_doc_bytes:
+        size_mb = len(line) / 1e6
+        return Record(pos_id, pos_id, None, "error",
+                      f"document is {size_mb:.1f} MB, over io.max_doc_bytes ({io_spec.max_doc_bytes} bytes)")
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return Record(pos_id, pos_id, None, "error", f"invalid UTF-8 at byte {exc.start}")
+    if not text.strip():
+        return Record(pos_id, pos_id, None, "filtered", "empty line")
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return Record(pos_id, pos_id, None, "error", f"malformed JSON: {exc.msg} at column {exc.colno}")
+    if not isinstance(row, dict):
+        return Record(pos_id, pos_id, None, "error", f"JSON line is a {type(row).__name__}, not an object")
+    return check_row(row, pos_id, io_spec)
+
+
+def check_row(row: dict[str, Any], pos_id: str, io_spec: IOSpec) -> Record:
+    raw_id = row.get(io_spec.id_field)
+    row_id = str(raw_id) if raw_id not in (None, "") else pos_id
+    text = row.get(io_spec.text_field)
+    if text is None:
+        return Record(pos_id, row_id, None, "error", f"missing field {io_spec.text_field!r}")
+    if not isinstance(text, str):
+        return Record(pos_id, row_id, None, "error", f"field {io_spec.text_field!r} is not a string")
+    if len(text) > io_spec.max_doc_bytes:
+        return Record(pos_id, row_id, None, "error",
+                      f"document is {len(text) / 1e6:.1f} M characters, over io.max_doc_bytes")
+    return Record(pos_id, row_id, row)
+
+
+def _read_parquet(fs: fsspec.AbstractFileSystem, split: Split, io_spec: IOSpec) -> Iterator[Record]:
+    with fs.open(split.path, "rb") as handle:
+        pf = pq.ParquetFile(handle)
+        groups = list(range(split.start, split.end if split.end is not None else pf.num_row_groups))
+        row_index = sum(pf.metadata.row_group(i).num_rows for i in range(split.start))
+        for batch in pf.iter_batches(row_groups=groups, batch_size=1024):
+            for row in batch.to_pylist():
+                yield check_row(row, f"{split.name}#{row_index}", io_spec)
+                row_index += 1
