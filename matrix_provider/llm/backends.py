@@ -43,7 +43,13 @@ def build_app(spec: Any) -> Any:
     """The Serve application for a served backend (not yet running)."""
     from matrix_provider.llm import gpu_engines, serve_apps
 
-    options = {"num_replicas": spec.replicas, "ray_actor_options": {"num_cpus": spec.num_cpus}}
+    from ray.serve.schema import LoggingConfig
+
+    options = {
+        "num_replicas": spec.replicas,
+        "ray_actor_options": {"num_cpus": spec.num_cpus},
+        "logging_config": LoggingConfig(enable_access_log=False, log_level="WARNING"),
+    }
     payload = spec.model_dump(mode="json")
     if isinstance(spec, SimSpec):
         return serve_apps.SimServer.options(name="sim", **options).bind(payload)

@@ -34,6 +34,7 @@ def llm_config_dict(spec: VLLMSpec | SGLangSpec) -> dict[str, Any]:
 
 
 def build_openai_app(spec: VLLMSpec | SGLangSpec) -> Any:
-    from ray.serve.llm import LLMConfig, build_openai_app as _build
+    from ray.serve.llm import LLMConfig
+    from ray.serve.llm import build_openai_app as _build
 
     return _build({"llm_configs": [LLMConfig(**llm_config_dict(spec))]})

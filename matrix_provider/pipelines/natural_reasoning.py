@@ -19,10 +19,9 @@ from matrix_provider.runtime.pipeline import Pipeline
 from matrix_provider.runtime.roles import LLMRole, RowError, json_schema
 
 _WORD = re.compile(r"[A-Za-z']+")
-_STOPWORDS = frozenset("the of and to a in is that it for as with be on this are by not or can an if".split())
+_STOPWORDS = frozenset(["the", "of", "and", "to", "a", "in", "is", "that", "it", "for", "as", "with", "be", "on", "this", "are", "by", "not", "or", "can", "an", "if"])
 _CUES = frozenset(
-    "because therefore thus hence since so why how if then must implies means example reason "
-    "consequently however although whereas suppose assume".split()
+    ["because", "therefore", "thus", "hence", "since", "so", "why", "how", "if", "then", "must", "implies", "means", "example", "reason", "consequently", "however", "although", "whereas", "suppose", "assume"]
 )
 
 
@@ -41,7 +40,7 @@ def heuristic_verdict(text: str, params: dict[str, Any]) -> str | None:
 
 
 def excerpt(msg: Orchestrator, params: dict[str, Any]) -> str:
-    return str(msg.row["text"])[: params.get("max_chars", 1500)]
+    return str(msg.row["text"])[: params.get("max_chars", 1000)]
 
 
 class FilterRole(LLMRole):
@@ -104,7 +103,7 @@ class NaturalReasoningOrchestrator(Orchestrator):
         if done == "score":
             if self.results["score"] >= self.min_score:
                 return "question"
-            self.finish(FILTERED, f"score {self.results['score']} below {self.min_score}")
+            self.finish(FILTERED, f"score below {self.min_score} ({self.results['score']})")
             return None
         self.finish(OK)
         return None

@@ -143,10 +143,10 @@ class Agent:
         await self._run_step(msg)
         self.metrics.latency.observe(time.monotonic() - started)
         self.metrics.processed.inc()
-        self.metrics.tokens.inc(msg.usage["prompt_tokens"] - before["prompt_tokens"], {"kind": "prompt"})
-        self.metrics.tokens.inc(
-            msg.usage["completion_tokens"] - before["completion_tokens"], {"kind": "completion"}
-        )
+        for kind in ("prompt", "completion"):
+            spent = msg.usage[f"{kind}_tokens"] - before[f"{kind}_tokens"]
+            if spent > 0:
+                self.metrics.tokens.inc(spent, {"kind": kind})
         msg.hops += 1
         next_role = None if msg.done else msg.route(self.role_name)
         if next_role is None:

@@ -11,6 +11,7 @@ import collections
 import hashlib
 import json
 import os
+import re
 import time
 import uuid
 from typing import Any
@@ -24,13 +25,14 @@ from matrix_provider.runtime.agents import Agent
 from matrix_provider.runtime.driver import PartitionDriver
 from matrix_provider.runtime.ledger import IdLedger
 from matrix_provider.runtime.pipeline import Pipeline, load_pipeline
-from matrix_provider.runtime.progress import Reporter
+from matrix_provider.runtime.progress import Reporter, print_summary
 from matrix_provider.runtime.sink import OutputError, OutputStore
 from matrix_provider.runtime.sources import InputError, list_inputs, plan
 from matrix_provider.runtime.spec import PipelineSpec, SpecError
 
 USAGE_ERRORS = (SpecError, InputError, OutputError, backends.BackendError)
 _POLL_S = 0.5
+_REASON_DETAIL = re.compile(r"\s*\([^)]*\)")  # "too short (12 words)" counts as "too short"
 
 
 class RunFailed(RuntimeError):
@@ -97,9 +99,10 @@ def run(spec: PipelineSpec, *, quiet: bool = False) -> dict[str, Any]:
         if started_ray:
             ray.shutdown()
     manifest.update(wall_seconds=round(time.time() - started, 3), config_hash=config_hash)
-    tokens = manifest["prompt_tokens"] + manifest["completion_tokens"]
-    manifest["tokens_per_s"] = round(tokens / max(manifest["wall_seconds"], 1e-9), 2)
+    manifest["tokens_per_s"] = round(manifest.pop("run_tokens") / max(manifest["wall_seconds"], 1e-9), 2)
     store.finish(manifest)
+    if not quiet:
+        print_summary(manifest)
     return manifest
 
 
@@ -143,9 +146,7 @@ def _execute(spec: PipelineSpec, pipeline: Pipeline, fs: Any, files: list[Any], 
             raise RunFailed(f"a partition driver failed: {exc}") from None
     finally:
         reporter.close()
-    manifest = summarize(spec, pipeline, store, results)
-    reporter.summary(manifest)
-    return manifest
+    return summarize(spec, pipeline, store, results)
 
 
 def summarize(spec: PipelineSpec, pipeline: Pipeline, store: OutputStore,
@@ -158,7 +159,7 @@ def summarize(spec: PipelineSpec, pipeline: Pipeline, store: OutputStore,
     if duplicates:
         raise RunFailed(f"output has {duplicates} duplicate ids: the sink's exactly-once check failed")
     reasons = collections.Counter(
-        (reason or "")[:100] for reason, status in zip(table.column("error").to_pylist(),
+        _REASON_DETAIL.sub("", reason)[:100] for reason, status in zip(table.column("error").to_pylist(),
                                                        table.column("status").to_pylist(), strict=True)
         if status != "ok" and reason
     )
@@ -175,6 +176,7 @@ def summarize(spec: PipelineSpec, pipeline: Pipeline, store: OutputStore,
         "rows_redelivered": sum(r["rows_redelivered"] for r in results),
         "prompt_tokens": int(sum(v or 0 for v in table.column("prompt_tokens").to_pylist())),
         "completion_tokens": int(sum(v or 0 for v in table.column("completion_tokens").to_pylist())),
+        "run_tokens": sum(r["prompt_tokens"] + r["completion_tokens"] for r in results),
         "partitions": spec.run.partitions,
         "concurrency": spec.run.concurrency,
         "llm_backend": spec.llm.backend,

@@ -50,22 +50,23 @@ class Reporter:
         if self.progress is not None:
             self.progress.stop()
 
-    def summary(self, manifest: dict[str, Any]) -> None:
-        if self.quiet:
-            return
-        table = Table(title=f"matrix run: {manifest['pipeline']} -> {manifest['output']}")
-        table.add_column("figure")
-        table.add_column("value", justify="right")
-        for key in ("rows_in", "rows_ok", "rows_filtered", "rows_error", "rows_resumed", "rows_redelivered",
-                    "prompt_tokens", "completion_tokens", "tokens_per_s", "wall_seconds", "partitions",
-                    "concurrency"):
-            value = manifest.get(key)
-            table.add_row(key, f"{value:,.1f}" if isinstance(value, float) else f"{value:,}")
-        self.console.print(table)
-        if manifest.get("error_reasons"):
-            reasons = Table(title="error and filter reasons (top)")
-            reasons.add_column("reason")
-            reasons.add_column("rows", justify="right")
-            for reason, count in manifest["error_reasons"].items():
-                reasons.add_row(reason, str(count))
-            self.console.print(reasons)
+
+def print_summary(manifest: dict[str, Any]) -> None:
+    """The closing table of a run, then the most common error and filter reasons."""
+    console = Console()
+    table = Table(title=f"matrix run: {manifest['pipeline']} -> {manifest['output']}")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for key in ("rows_in", "rows_ok", "rows_filtered", "rows_error", "rows_resumed", "rows_redelivered",
+                "prompt_tokens", "completion_tokens", "tokens_per_s", "wall_seconds", "partitions",
+                "concurrency"):
+        value = manifest.get(key)
+        table.add_row(key, f"{value:,.1f}" if isinstance(value, float) else f"{value:,}")
+    console.print(table)
+    if manifest.get("error_reasons"):
+        reasons = Table(title="error and filter reasons (top)")
+        reasons.add_column("reason")
+        reasons.add_column("rows", justify="right")
+        for reason, count in manifest["error_reasons"].items():
+            reasons.add_row(reason, str(count))
+        console.print(reasons)
