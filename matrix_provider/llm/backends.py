@@ -1,8 +1,8 @@
 """Deploy the backend a spec names and return how agents reach it.
 
-Served backends (`embedded`, `sim`, `vllm`, `sglang`, `azure_openai`, `gemini`) become Ray Serve
-applications behind Serve's HTTP proxy on 127.0.0.1; `openai` points at endpoints that already
-exist. Every backend is probed before any row is admitted, so a dead endpoint or a missing key
+Served backends (`embedded`, `vllm`, `sglang`, `azure_openai`, `gemini`) become Ray Serve
+applications behind Serve's HTTP proxy on 127.0.0.1; the `sim` load simulator runs as detached
+actors the client reaches directly; `openai` points at endpoints that already exist. Every backend is probed before any row is admitted, so a dead endpoint or a missing key
 fails the run at once with one message.
 """
 
@@ -51,8 +51,6 @@ def build_app(spec: Any) -> Any:
         "logging_config": LoggingConfig(enable_access_log=False, log_level="WARNING"),
     }
     payload = spec.model_dump(mode="json")
-    if isinstance(spec, SimSpec):
-        return serve_apps.SimServer.options(name="sim", **options).bind(payload)
     if isinstance(spec, EmbeddedSpec):
         return serve_apps.EmbeddedServer.options(name="embedded", **options).bind(payload)
     if isinstance(spec, AzureOpenAISpec | GeminiSpec):
@@ -66,15 +64,32 @@ def deploy(spec: Any) -> ClientConfig:
     """Start (or reuse) the backend's Serve app and return the client's view of it."""
     if isinstance(spec, OpenAISpec):
         return client_config(spec, tuple(spec.endpoints))
+    name = app_name(spec)
+    if isinstance(spec, SimSpec):
+        from matrix_provider.llm.sim_server import deploy_sim
+
+        return client_config(spec, deploy_sim(spec, name))
     from ray import serve
 
-    name = app_name(spec)
+    if _running(name):
+        return client_config(spec, (f"http://127.0.0.1:{serve_port()}/{name}/v1",))
     serve.start(http_options={"host": "127.0.0.1", "port": serve_port()})
     try:
         serve.run(build_app(spec), name=name, route_prefix=f"/{name}")
     except ImportError as exc:
         raise BackendError(f"backend {spec.backend!r} needs its engine installed on the cluster: {exc}") from None
     return client_config(spec, (f"http://127.0.0.1:{serve_port()}/{name}/v1",))
+
+
+def _running(name: str) -> bool:
+    """An app of this name (its name hashes its settings) is already up: reuse it, do not redeploy."""
+    from ray import serve
+
+    try:
+        app = serve.status().applications.get(name)
+    except Exception:  # Serve not started on this cluster yet
+        return False
+    return app is not None and app.status == "RUNNING"
 
 
 def client_config(spec: Any, endpoints: tuple[str, ...]) -> ClientConfig:
@@ -90,8 +105,12 @@ def client_config(spec: Any, endpoints: tuple[str, ...]) -> ClientConfig:
     )
 
 
-def probe(config: ClientConfig, timeout_s: float = 120.0) -> None:
-    """One tiny request per endpoint; raise BackendError naming the first that cannot answer."""
+def probe(config: ClientConfig, timeout_s: float = 30.0) -> None:
+    """One tiny request per endpoint; raise BackendError naming the first that refuses us.
+
+    A slow answer is not fatal here (rows have their own timeouts); a refused connection,
+    a rejected key or a missing model is.
+    """
     headers = {}
     if config.api_key_env:
         key = os.environ.get(config.api_key_env)
@@ -103,6 +122,8 @@ def probe(config: ClientConfig, timeout_s: float = 120.0) -> None:
         try:
             resp = httpx.post(f"{endpoint.rstrip('/')}/chat/completions", json=body, headers=headers,
                               timeout=timeout_s)
+        except httpx.TimeoutException:
+            continue
         except httpx.HTTPError as exc:
             raise BackendError(f"LLM endpoint {endpoint} is unreachable ({type(exc).__name__}); "
                                "check the URL and that the server is running") from None

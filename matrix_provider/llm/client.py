@@ -25,6 +25,7 @@ from tenacity import (
 
 SERVE_STICKY_HEADER = "serve_multiplexed_model_id"
 REPLICA_HEADER = "x-matrix-replica"
+ATTEMPT_HEADER = "x-matrix-attempt"
 _UNHEALTHY_FOR_S = 5.0
 
 
@@ -160,7 +161,7 @@ class LLMClient:
                     attempts += 1
                     if attempts > 1:
                         self.stats.retries += 1
-                    completion = await self._once(path, body, bucket)
+                    completion = await self._once(path, body, bucket, attempts)
                     completion.attempts = attempts
                     return completion
         except LLMError:
@@ -168,12 +169,13 @@ class LLMClient:
             raise
         raise AssertionError("unreachable")
 
-    async def _once(self, path: str, body: dict[str, Any], bucket: str) -> Completion:
+    async def _once(self, path: str, body: dict[str, Any], bucket: str, attempt: int) -> Completion:
         endpoint = self.pick_endpoint(bucket)
         self.stats.requests += 1
         try:
             resp = await self._http.post(
-                endpoint.rstrip("/") + path, json=body, headers={SERVE_STICKY_HEADER: bucket}
+                endpoint.rstrip("/") + path, json=body,
+                headers={SERVE_STICKY_HEADER: bucket, ATTEMPT_HEADER: str(attempt)},
             )
         except httpx.TimeoutException:
             raise LLMError(f"LLM request to {endpoint} timed out", retryable=True) from None

@@ -19,9 +19,8 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from matrix_provider.llm.client import REPLICA_HEADER
-from matrix_provider.llm.sim import HANG_S, SimEngine
-from matrix_provider.llm.spec import AzureOpenAISpec, EmbeddedSpec, GeminiSpec, SimSpec
+from matrix_provider.llm.client import ATTEMPT_HEADER, REPLICA_HEADER
+from matrix_provider.llm.spec import AzureOpenAISpec, EmbeddedSpec, GeminiSpec
 
 STICKY_KEYS_PER_REPLICA = 4096
 
@@ -49,32 +48,15 @@ class _OpenAISurface:
             return JSONResponse({"error": {"message": "request body is not JSON"}}, status_code=400)
         if not (path.endswith("/chat/completions") or path.endswith("/completions")):
             return JSONResponse({"error": {"message": f"no route {path}"}}, status_code=404)
-        status, payload = await self.generate(path, body)
+        attempt = int(request.headers.get(ATTEMPT_HEADER, "1"))
+        status, payload = await self.generate(path, body, attempt)
         return JSONResponse(payload, status_code=status, headers={REPLICA_HEADER: self.replica})
 
     async def get(self, path: str) -> dict[str, Any]:
         return {"status": "ok"}
 
-    async def generate(self, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    async def generate(self, path: str, body: dict[str, Any], attempt: int) -> tuple[int, dict[str, Any]]:
         raise NotImplementedError
-
-
-@serve.deployment(max_ongoing_requests=100_000)
-class SimServer(_OpenAISurface):
-    """Load simulator replica (benchmarks and fault injection only)."""
-
-    def __init__(self, spec: dict[str, Any]):
-        self._init_surface()
-        self.engine = SimEngine(SimSpec.model_validate(spec))
-
-    async def get(self, path: str) -> dict[str, Any]:
-        return {"status": "ok", **self.engine.stats()}
-
-    async def generate(self, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        reply = await self.engine.handle(path, body)
-        if reply.hang:
-            await asyncio.sleep(HANG_S)
-        return reply.status, reply.body
 
 
 def default_model_path() -> str:
@@ -119,7 +101,7 @@ class EmbeddedServer(_OpenAISurface):
     async def get(self, path: str) -> dict[str, Any]:
         return {"status": "ok", "model": self.model}
 
-    async def generate(self, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    async def generate(self, path: str, body: dict[str, Any], attempt: int) -> tuple[int, dict[str, Any]]:
         chat = path.endswith("/chat/completions")
         handler = self.server.handle_chat_completions if chat else self.server.handle_completions
         result = await asyncio.get_running_loop().run_in_executor(self.pool, handler, body)
@@ -158,7 +140,7 @@ class ProxyServer(_OpenAISurface):
     def _scrub(self, text: str) -> str:
         return text.replace(self.key, "***") if self.key else text
 
-    async def generate(self, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    async def generate(self, path: str, body: dict[str, Any], attempt: int) -> tuple[int, dict[str, Any]]:
         if not self.key:
             return 401, {"error": {"message": f"API key missing: set {self.cfg.api_key_env} on the cluster"}}
         url, headers, query = self._upstream(path)

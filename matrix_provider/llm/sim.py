@@ -4,8 +4,9 @@ For benchmarks and fault injection only, never for real output. `slots` sequence
 a request waits for a slot, then takes `prefill_s_per_token * prompt_tokens +
 decode_s_per_token * output_tokens`. So its completion-token capacity is exactly
 `replicas * slots / decode_s_per_token` tokens/s, and busy slot-time is counted for utilization.
-Draws (output length, faults, JSON values) come from a hash of the seed, the request body and how
-often that body was seen, so a run is deterministic given its seed while a retry can succeed.
+Draws (output length, faults, JSON values) come from a hash of the seed, the request body and the
+client's attempt number (`x-matrix-attempt`), so a rerun gets the same answers while a retry of a
+failed request gets a fresh draw.
 """
 
 from __future__ import annotations
@@ -53,7 +54,6 @@ class SimEngine:
     def __init__(self, spec: SimSpec):
         self.spec = spec
         self._slots = asyncio.Semaphore(spec.slots)
-        self._seen: dict[str, int] = {}
         self.started = time.monotonic()
         self.busy_slot_s = 0.0
         self.requests = 0
@@ -80,11 +80,9 @@ class SimEngine:
             "in_flight": self.in_flight,
         }
 
-    def _rng(self, body: dict[str, Any]) -> random.Random:
+    def _rng(self, body: dict[str, Any], attempt: int) -> random.Random:
         key = hashlib.blake2b(json.dumps(body, sort_keys=True).encode(), digest_size=16).hexdigest()
-        seen = self._seen.get(key, 0)
-        self._seen[key] = seen + 1
-        return random.Random(f"{self.spec.seed}|{key}|{seen}")
+        return random.Random(f"{self.spec.seed}|{key}|{attempt}")
 
     def output_tokens(self, rng: random.Random, max_tokens: int) -> int:
         s = self.spec
@@ -92,8 +90,8 @@ class SimEngine:
         draw = rng.lognormvariate(mu, s.output_tokens_sigma)
         return max(1, min(int(round(draw)), s.output_tokens_max, max_tokens))
 
-    async def handle(self, path: str, body: dict[str, Any]) -> SimReply:
-        rng = self._rng(body)
+    async def handle(self, path: str, body: dict[str, Any], attempt: int = 1) -> SimReply:
+        rng = self._rng(body, attempt)
         roll = rng.random()
         s = self.spec
         if roll < s.error_rate:

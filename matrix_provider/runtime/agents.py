@@ -90,6 +90,7 @@ class Agent:
         self.held: dict[tuple[str, int], int] = {}
         self.queue: asyncio.Queue[Orchestrator] | None = None
         self.running = 0
+        self.step_retries = 0
 
     def _start(self) -> asyncio.Queue[Orchestrator]:
         if self.queue is None:
@@ -117,6 +118,7 @@ class Agent:
             "running": self.running,
             "llm_requests": llm.requests if llm else 0,
             "llm_retries": llm.retries if llm else 0,
+            "step_retries": self.step_retries,
         }
 
     async def _worker(self) -> None:
@@ -170,6 +172,7 @@ class Agent:
             if not retryable or attempt == spec.retries:
                 break
             self.metrics.retries.inc()
+            self.step_retries += 1
             await asyncio.sleep(spec.backoff_s * (2**attempt))
         self.metrics.errors.inc()
         msg.finish(ERROR, reason)

@@ -32,6 +32,10 @@ from matrix_provider.runtime.spec import PipelineSpec, SpecError
 
 USAGE_ERRORS = (SpecError, InputError, OutputError, backends.BackendError)
 _POLL_S = 0.5
+FORWARDED_ENV = frozenset({
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
+    "AWS_DEFAULT_REGION", "AWS_REGION", "MATRIX_SERVE_PORT",
+})
 _REASON_DETAIL = re.compile(r"\s*\([^)]*\)")  # "too short (12 words)" counts as "too short"
 
 
@@ -61,14 +65,21 @@ def connect_ray() -> bool:
         return False
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, namespace=names.NAMESPACE, log_to_driver=True)
+        # Workers on an existing cluster do not share our environment: forward the standard storage
+        # settings (set them on the nodes or use instance roles to keep keys out of runtime_env).
+        forwarded = {k: v for k, v in os.environ.items() if k in FORWARDED_ENV}
+        ray.init(address=address, namespace=names.NAMESPACE, log_to_driver=True,
+                 runtime_env={"env_vars": forwarded} if forwarded else None)
         return False
     ray.init(namespace=names.NAMESPACE, include_dashboard=False, log_to_driver=True)
     return True
 
 
 def backend_app_suffix(spec: PipelineSpec) -> str:
-    return hashlib.sha256(spec.llm.model_dump_json().encode()).hexdigest()[:8]
+    """Names a backend deployment by its settings and our version, so equal settings reuse it."""
+    client_side = {"timeout_s", "retries", "backoff_s", "max_connections", "sticky_buckets", "app_name"}
+    served = spec.llm.model_dump_json(exclude=client_side)
+    return hashlib.sha256((served + __version__).encode()).hexdigest()[:8]
 
 
 def run(spec: PipelineSpec, *, quiet: bool = False) -> dict[str, Any]:
@@ -114,13 +125,15 @@ def _execute(spec: PipelineSpec, pipeline: Pipeline, fs: Any, files: list[Any], 
     big = 100_000  # async actors: concurrency is bounded by our own queues and semaphores
     actors.append(IdLedger.options(name=names.ledger_name(run_id), namespace=names.NAMESPACE)
                   .remote(committed))
+    agents = []
     for role, role_spec in spec.roles.items():
         for i in range(role_spec.replicas):
-            actors.append(Agent.options(
+            agents.append(Agent.options(
                 name=names.agent_name(run_id, role, i), namespace=names.NAMESPACE,
                 num_cpus=role_spec.num_cpus, num_gpus=role_spec.num_gpus, resources=role_spec.resources or None,
                 max_concurrency=big,
             ).remote(run_id, role, spec_json, client_config))
+    actors.extend(agents)
     shards = plan(fs, files, spec.io, spec.run.partitions)
     drivers = []
     for p, shard in enumerate(shards):
@@ -146,7 +159,11 @@ def _execute(spec: PipelineSpec, pipeline: Pipeline, fs: Any, files: list[Any], 
             raise RunFailed(f"a partition driver failed: {exc}") from None
     finally:
         reporter.close()
-    return summarize(spec, pipeline, store, results)
+    manifest = summarize(spec, pipeline, store, results)
+    agent_stats = ray.get([a.stats.remote() for a in agents])
+    for key in ("llm_requests", "llm_retries", "step_retries"):
+        manifest[key] = sum(s[key] for s in agent_stats)
+    return manifest
 
 
 def summarize(spec: PipelineSpec, pipeline: Pipeline, store: OutputStore,

@@ -142,6 +142,10 @@ def compose(spec: str, overrides: list[str], run: dict[str, Any]) -> PipelineSpe
         if "=" not in item:
             raise SpecError(f"override {item!r} is not KEY=VALUE")
     search = f"hydra.searchpath=[file://{CONF_DIR}]"
+    # Dotted keys may name any field of the schema, also ones the YAML leaves at their default:
+    # Hydra's `++` adds or sets, and pydantic (extra="forbid") then names any key that does not exist.
+    overrides = [f"++{o}" if "." in o.split("=", 1)[0] and not o.startswith(("+", "~")) else o
+                 for o in overrides]
     try:
         with initialize_config_dir(config_dir=str(path.parent), version_base=None):
             cfg = hydra_compose(config_name=path.stem, overrides=[search, *overrides])
@@ -156,9 +160,6 @@ def compose(spec: str, overrides: list[str], run: dict[str, Any]) -> PipelineSpe
 
 def _hydra_message(exc: Exception) -> str:
     first = str(exc).strip().splitlines()[0]
-    if first.startswith("Could not override '"):
-        key = first.split("'")[1]
-        return f"unknown key {key!r} in overrides (check the spelling; +{key}=VALUE adds a new key)"
     full_key = getattr(exc, "full_key", None)
     if first.startswith("Missing mandatory value") and full_key:
         return f"spec key {full_key!r} must be set (e.g. {full_key}=...)"
@@ -172,5 +173,8 @@ def validate(data: dict[str, Any]) -> PipelineSpec:
         problems = []
         for err in exc.errors():
             key = ".".join(str(p) for p in err["loc"])
-            problems.append(f"{key}: {err['msg']}" if key else err["msg"])
+            if err["type"] == "extra_forbidden":
+                problems.append(f"unknown key {key!r} (check the spelling)")
+            else:
+                problems.append(f"{key}: {err['msg']}" if key else err["msg"])
         raise SpecError("invalid spec: " + "; ".join(problems)) from None

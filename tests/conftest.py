@@ -1,0 +1,196 @@
+"""Real services for the suite: a Ray head started with `ray start` (token auth on), SeaweedFS S3.
+
+Both bind 127.0.0.1 only, are started once per session, and are stopped by the PIDs we started
+(never `ray stop`, which would end every Ray on the machine).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pyarrow.parquet as pq
+import pytest
+
+# The session's cluster runs with token auth on; Ray clients send the token only in token mode.
+# Set before any test module imports ray (Ray reads it once).
+os.environ["RAY_AUTH_MODE"] = "token"
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+CORPUS = REPO / "matrix_provider" / "data" / "corpus"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+@dataclass
+class RayCluster:
+    gcs_address: str
+    dashboard_url: str
+    serve_port: int
+    token: str | None
+    env: dict[str, str]
+
+
+def _kill_cluster(gcs_port: int) -> None:
+    marks = (f"127.0.0.1:{gcs_port}", f"--gcs_server_port={gcs_port}", f"--port={gcs_port}")
+    procs = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if any(m in cmd for m in marks) and proc.pid != os.getpid():
+            procs.append(proc)
+    for proc in procs:
+        try:
+            proc.send_signal(signal.SIGTERM)
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=10)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
+    gcs_port, dash_port, serve_port = free_port(), free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["PATH"] = f"{VENV_BIN}:{env['PATH']}"
+    cmd = [
+        str(VENV_BIN / "ray"), "start", "--head", f"--port={gcs_port}", "--node-ip-address=127.0.0.1",
+        "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", "--num-cpus=8",
+        "--disable-usage-stats", f"--ray-client-server-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
+    ]
+    workdir = tmp_path_factory.mktemp("raycwd")  # never start jobs beside Ray's temp dir
+    subprocess.run(cmd, check=True, env=env, cwd=workdir, capture_output=True, timeout=180)
+    token_file = Path.home() / ".ray" / "auth_token"
+    token = token_file.read_text().strip() if token_file.exists() else None
+    run_env = {**env, "RAY_ADDRESS": f"127.0.0.1:{gcs_port}", "MATRIX_SERVE_PORT": str(serve_port),
+               "RAY_AUTH_MODE": "token"}  # clients send ~/.ray/auth_token only in token mode
+    wait_port(dash_port)
+    try:
+        yield RayCluster(f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dash_port}", serve_port, token, run_env)
+    finally:
+        _kill_cluster(gcs_port)
+
+
+@dataclass
+class S3Server:
+    endpoint: str
+    bucket: str
+    env: dict[str, str]
+
+    def storage_options(self) -> dict[str, object]:
+        return {"key": self.env["AWS_ACCESS_KEY_ID"], "secret": self.env["AWS_SECRET_ACCESS_KEY"],
+                "client_kwargs": {"endpoint_url": self.endpoint}}
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    data = tmp_path_factory.mktemp("seaweed")
+    creds = {"AWS_ACCESS_KEY_ID": "matrixtest", "AWS_SECRET_ACCESS_KEY": "matrixtestsecret"}
+    env = {**os.environ, **creds}
+    proc = subprocess.Popen(
+        [str(VENV_BIN / "weed"), "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+         "-bucket=matrix-test", "-admin.ui=false"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        wait_port(8333, timeout=60)
+        s3 = S3Server("http://127.0.0.1:8333", "matrix-test",
+                      {**creds, "AWS_ENDPOINT_URL": "http://127.0.0.1:8333", "AWS_DEFAULT_REGION": "us-east-1"})
+        _wait_bucket(s3)
+        yield s3
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _wait_bucket(s3: S3Server, timeout: float = 60.0) -> None:
+    import s3fs
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fs = s3fs.S3FileSystem(**s3.storage_options())
+            fs.pipe(f"{s3.bucket}/.ready", b"1")
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def run_matrix(args: list[str], env: dict[str, str], timeout: float = 300, cwd: Path | None = None,
+               ) -> subprocess.CompletedProcess[str]:
+    """`matrix ARGS` as a user would run it; output captured."""
+    return subprocess.run([str(VENV_BIN / "matrix"), *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd or REPO)
+
+
+def read_output(uri: str, storage_options: dict[str, object] | None = None) -> list[dict[str, object]]:
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    rows: list[dict[str, object]] = []
+    for path in sorted(fs.glob(f"{root}/part-*.parquet")):
+        with fs.open(path, "rb") as handle:
+            rows.extend(pq.read_table(handle).to_pylist())
+    return rows
+
+
+def read_manifest(uri: str, storage_options: dict[str, object] | None = None) -> dict[str, object]:
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    return json.loads(fs.cat_file(f"{root}/_manifest.json"))
+
+
+def assert_exactly_once(rows: list[dict[str, object]], expected: int) -> None:
+    ids = [r["id"] for r in rows]
+    assert len(ids) == len(set(ids)), "duplicate ids in the output"
+    assert len(ids) == expected, f"{len(ids)} rows out, {expected} in"
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    return tmp_path
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def copy_corpus(dest: Path) -> Path:
+    shutil.copytree(CORPUS, dest)
+    return dest
