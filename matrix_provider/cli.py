@@ -51,8 +51,13 @@ def _compose(args: argparse.Namespace, run: dict[str, Any]) -> Any:
 def cmd_run(args: argparse.Namespace) -> int:
     from matrix_provider.runtime import job
 
-    run = {"input": args.input, "output": args.output, "partitions": args.partitions,
-           "concurrency": args.concurrency, "overwrite": args.overwrite}
+    run = {
+        "input": args.input,
+        "output": args.output,
+        "partitions": args.partitions,
+        "concurrency": args.concurrency,
+        "overwrite": args.overwrite,
+    }
     try:
         spec = _compose(args, run)
         manifest = job.run(spec, quiet=args.quiet)

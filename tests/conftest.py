@@ -6,6 +6,7 @@ Both bind 127.0.0.1 only, are started once per session, and are stopped by the P
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -26,6 +27,9 @@ import pytest
 # The session's cluster runs with token auth on; Ray clients send the token only in token mode.
 # Set before any test module imports ray (Ray reads it once).
 os.environ["RAY_AUTH_MODE"] = "token"
+
+PROXY_KEY_ENV = "MATRIX_TEST_UPSTREAM_KEY"
+PROXY_KEY = "sk-test-" + uuid.uuid4().hex
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -65,16 +69,12 @@ def _kill_cluster(gcs_port: int) -> None:
         if any(m in cmd for m in marks) and proc.pid != os.getpid():
             procs.append(proc)
     for proc in procs:
-        try:
+        with contextlib.suppress(psutil.Error):
             proc.send_signal(signal.SIGTERM)
-        except psutil.Error:
-            pass
     _, alive = psutil.wait_procs(procs, timeout=10)
     for proc in alive:
-        try:
+        with contextlib.suppress(psutil.Error):
             proc.kill()
-        except psutil.Error:
-            pass
 
 
 @pytest.fixture(scope="session")
@@ -82,23 +82,50 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster
     gcs_port, dash_port, serve_port = free_port(), free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env["PATH"] = f"{VENV_BIN}:{env['PATH']}"
+    # The cluster's own environment holds the proxy key, as a production cluster's nodes would.
+    env[PROXY_KEY_ENV] = PROXY_KEY
     cmd = [
-        str(VENV_BIN / "ray"), "start", "--head", f"--port={gcs_port}", "--node-ip-address=127.0.0.1",
-        "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", "--num-cpus=8",
-        "--disable-usage-stats", f"--ray-client-server-port={free_port()}",
-        f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
+        str(VENV_BIN / "ray"),
+        "start",
+        "--head",
+        f"--port={gcs_port}",
+        "--node-ip-address=127.0.0.1",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash_port}",
+        "--num-cpus=8",
+        "--disable-usage-stats",
+        f"--ray-client-server-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
     ]
     workdir = tmp_path_factory.mktemp("raycwd")  # never start jobs beside Ray's temp dir
     subprocess.run(cmd, check=True, env=env, cwd=workdir, capture_output=True, timeout=180)
     token_file = Path.home() / ".ray" / "auth_token"
     token = token_file.read_text().strip() if token_file.exists() else None
-    run_env = {**env, "RAY_ADDRESS": f"127.0.0.1:{gcs_port}", "MATRIX_SERVE_PORT": str(serve_port),
-               "RAY_AUTH_MODE": "token"}  # clients send ~/.ray/auth_token only in token mode
+    run_env = {
+        **env,
+        "RAY_ADDRESS": f"127.0.0.1:{gcs_port}",
+        "MATRIX_SERVE_PORT": str(serve_port),
+        "RAY_AUTH_MODE": "token",
+    }  # clients send ~/.ray/auth_token only in token mode
     wait_port(dash_port)
     try:
         yield RayCluster(f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dash_port}", serve_port, token, run_env)
     finally:
         _kill_cluster(gcs_port)
+
+
+@pytest.fixture(scope="session")
+def ray_client(ray_cluster: RayCluster) -> Iterator[RayCluster]:
+    """This test process joined to the session's cluster (for Serve deployments and the state API)."""
+    import ray
+
+    os.environ["MATRIX_SERVE_PORT"] = str(ray_cluster.serve_port)
+    ray.init(address=ray_cluster.gcs_address, namespace="matrix", log_to_driver=False)
+    try:
+        yield ray_cluster
+    finally:
+        ray.shutdown()
 
 
 @dataclass
@@ -108,8 +135,11 @@ class S3Server:
     env: dict[str, str]
 
     def storage_options(self) -> dict[str, object]:
-        return {"key": self.env["AWS_ACCESS_KEY_ID"], "secret": self.env["AWS_SECRET_ACCESS_KEY"],
-                "client_kwargs": {"endpoint_url": self.endpoint}}
+        return {
+            "key": self.env["AWS_ACCESS_KEY_ID"],
+            "secret": self.env["AWS_SECRET_ACCESS_KEY"],
+            "client_kwargs": {"endpoint_url": self.endpoint},
+        }
 
 
 @pytest.fixture(scope="session")
@@ -118,14 +148,27 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     creds = {"AWS_ACCESS_KEY_ID": "matrixtest", "AWS_SECRET_ACCESS_KEY": "matrixtestsecret"}
     env = {**os.environ, **creds}
     proc = subprocess.Popen(
-        [str(VENV_BIN / "weed"), "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-         "-bucket=matrix-test", "-admin.ui=false"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        [
+            str(VENV_BIN / "weed"),
+            "mini",
+            f"-dir={data}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            "-bucket=matrix-test",
+            "-admin.ui=false",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     try:
         wait_port(8333, timeout=60)
-        s3 = S3Server("http://127.0.0.1:8333", "matrix-test",
-                      {**creds, "AWS_ENDPOINT_URL": "http://127.0.0.1:8333", "AWS_DEFAULT_REGION": "us-east-1"})
+        s3 = S3Server(
+            "http://127.0.0.1:8333",
+            "matrix-test",
+            {**creds, "AWS_ENDPOINT_URL": "http://127.0.0.1:8333", "AWS_DEFAULT_REGION": "us-east-1"},
+        )
         _wait_bucket(s3)
         yield s3
     finally:
@@ -151,11 +194,16 @@ def _wait_bucket(s3: S3Server, timeout: float = 60.0) -> None:
             time.sleep(0.5)
 
 
-def run_matrix(args: list[str], env: dict[str, str], timeout: float = 300, cwd: Path | None = None,
-               ) -> subprocess.CompletedProcess[str]:
+def run_matrix(
+    args: list[str],
+    env: dict[str, str],
+    timeout: float = 300,
+    cwd: Path | None = None,
+) -> subprocess.CompletedProcess[str]:
     """`matrix ARGS` as a user would run it; output captured."""
-    return subprocess.run([str(VENV_BIN / "matrix"), *args], env=env, capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd or REPO)
+    return subprocess.run(
+        [str(VENV_BIN / "matrix"), *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd or REPO
+    )
 
 
 def read_output(uri: str, storage_options: dict[str, object] | None = None) -> list[dict[str, object]]:

@@ -20,8 +20,14 @@ from tests.corpus import write_jsonl
 
 SIM = ["llm=sim", "llm.decode_s_per_token=0.002", "llm.output_tokens_mean=16"]
 # Slow enough that a run lasts long enough to break it in the middle.
-SLOW_SIM = ["llm=sim", "llm.decode_s_per_token=0.05", "llm.output_tokens_mean=12", "llm.slots=16",
-            "io.part_rows=10", "io.flush_interval_s=1"]
+SLOW_SIM = [
+    "llm=sim",
+    "llm.decode_s_per_token=0.05",
+    "llm.output_tokens_mean=12",
+    "llm.slots=16",
+    "io.part_rows=10",
+    "io.flush_interval_s=1",
+]
 
 
 def _run(cluster, args: list[str], env_extra: dict[str, str] | None = None, timeout: float = 300):
@@ -36,8 +42,20 @@ def test_local_and_s3_outputs_hold_the_same_rows(ray_cluster, s3_server, tmp_pat
     local_out = tmp_path / "out"
     s3_out = f"s3://{s3_server.bucket}/out-{os.getpid()}"
     _run(ray_cluster, ["natural_reasoning", "--input", str(CORPUS), "--output", str(local_out), *SIM])
-    _run(ray_cluster, ["natural_reasoning", "--input", f"s3://{s3_server.bucket}/corpus", "--output", s3_out,
-                       "--partitions", "2", *SIM], env_extra=s3_server.env)
+    _run(
+        ray_cluster,
+        [
+            "natural_reasoning",
+            "--input",
+            f"s3://{s3_server.bucket}/corpus",
+            "--output",
+            s3_out,
+            "--partitions",
+            "2",
+            *SIM,
+        ],
+        env_extra=s3_server.env,
+    )
     local = read_output(str(local_out))
     remote = read_output(s3_out, s3_server.storage_options())
     assert_exactly_once(local, 240)
@@ -61,19 +79,39 @@ def _wait_for_parts(out: Path, at_least: int, proc: subprocess.Popen | None = No
 
 
 def _start(cluster, args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([str(VENV_BIN / "matrix"), "run", *args, "--manifest-json"], env=cluster.env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [str(VENV_BIN / "matrix"), "run", *args, "--manifest-json"],
+        env=cluster.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def test_killing_an_agent_mid_run_loses_and_doubles_nothing(ray_cluster, tmp_path: Path) -> None:
     src = write_jsonl(tmp_path / "in" / "docs.jsonl", 200)
     out = tmp_path / "out"
-    proc = _start(ray_cluster, ["natural_reasoning", "--input", str(src.parent), "--output", str(out),
-                                "--concurrency", "40", *SLOW_SIM, "orchestrator.audit_interval_s=0.5"])
+    proc = _start(
+        ray_cluster,
+        [
+            "natural_reasoning",
+            "--input",
+            str(src.parent),
+            "--output",
+            str(out),
+            "--concurrency",
+            "40",
+            *SLOW_SIM,
+            "orchestrator.audit_interval_s=0.5",
+        ],
+    )
     try:
         _wait_for_parts(out, 2, proc)
-        victims = [a for a in list_actors(address=ray_cluster.dashboard_url, filters=[("state", "=", "ALIVE")])
-                   if "-agent-score-" in (a.name or "")]
+        victims = [
+            a
+            for a in list_actors(address=ray_cluster.dashboard_url, filters=[("state", "=", "ALIVE")])
+            if "-agent-score-" in (a.name or "")
+        ]
         assert victims, "no score agent alive"
         os.kill(victims[0].pid, signal.SIGKILL)  # like an OOM kill: no cleanup, in-flight rows gone
         stdout, _ = proc.communicate(timeout=300)
@@ -117,9 +155,9 @@ def test_bad_input_becomes_error_rows(ray_cluster, tmp_path: Path) -> None:
         b'{"id": "no-text", "url": "x"}\n'
         b'{"id": "bad-utf8", "text": "caf\xe9"}\n'
         + big
-        + b'   \n'
+        + b"   \n"
         + b'{"id": "doc-0", "text": "a duplicate of an earlier id"}\n'
-        + b'[1, 2]\n'
+        + b"[1, 2]\n"
     )
     (tmp_path / "in" / "good.jsonl").write_bytes(good + bad)
     out = tmp_path / "out"
@@ -143,8 +181,20 @@ def test_bad_input_becomes_error_rows(ray_cluster, tmp_path: Path) -> None:
 def test_partitions_split_large_files_exactly_once(ray_cluster, tmp_path: Path) -> None:
     src = write_jsonl(tmp_path / "in" / "big.jsonl", 300)
     out = tmp_path / "out"
-    _run(ray_cluster, ["natural_reasoning", "--input", str(src), "--output", str(out), "--partitions", "3",
-                       "io.split_bytes=20000", *SIM])
+    _run(
+        ray_cluster,
+        [
+            "natural_reasoning",
+            "--input",
+            str(src),
+            "--output",
+            str(out),
+            "--partitions",
+            "3",
+            "io.split_bytes=20000",
+            *SIM,
+        ],
+    )
     rows = read_output(str(out))
     assert_exactly_once(rows, 300)
     parts = {p.name.split("-")[1] for p in out.glob("part-*.parquet")}
@@ -156,8 +206,9 @@ def test_a_different_config_on_a_used_output_is_refused(ray_cluster, tmp_path: P
     out = tmp_path / "out"
     _run(ray_cluster, ["natural_reasoning", "--input", str(src), "--output", str(out), *SIM])
     changed = [*SIM, "roles.score.max_tokens=8"]
-    result = run_matrix(["run", "natural_reasoning", "--input", str(src), "--output", str(out), *changed],
-                        ray_cluster.env)
+    result = run_matrix(
+        ["run", "natural_reasoning", "--input", str(src), "--output", str(out), *changed], ray_cluster.env
+    )
     assert result.returncode == 2
     assert "different config" in result.stderr and "--overwrite" in result.stderr
     _run(ray_cluster, ["natural_reasoning", "--input", str(src), "--output", str(out), "--overwrite", *changed])
@@ -168,8 +219,19 @@ def test_a_different_config_on_a_used_output_is_refused(ray_cluster, tmp_path: P
 def test_sim_server_errors_are_retried_and_counted(ray_cluster, tmp_path: Path) -> None:
     src = write_jsonl(tmp_path / "in" / "d.jsonl", 120)
     out = tmp_path / "out"
-    _run(ray_cluster, ["natural_reasoning", "--input", str(src), "--output", str(out), *SIM,
-                       "llm.error_rate=0.2", "llm.backoff_s=0.01"])
+    _run(
+        ray_cluster,
+        [
+            "natural_reasoning",
+            "--input",
+            str(src),
+            "--output",
+            str(out),
+            *SIM,
+            "llm.error_rate=0.2",
+            "llm.backoff_s=0.01",
+        ],
+    )
     rows = read_output(str(out))
     assert_exactly_once(rows, 120)
     manifest = read_manifest(str(out))
@@ -182,10 +244,26 @@ def test_hanging_backend_never_hangs_a_row(ray_cluster, tmp_path: Path) -> None:
     src = write_jsonl(tmp_path / "in" / "d.jsonl", 60)
     out = tmp_path / "out"
     started = time.monotonic()
-    _run(ray_cluster, ["natural_reasoning", "--input", str(src), "--output", str(out), *SIM,
-                       "llm.timeout_rate=0.5", "llm.timeout_s=1", "llm.retries=1", "llm.backoff_s=0.01",
-                       "roles.filter.retries=0", "roles.score.retries=0", "roles.question.retries=0",
-                       "orchestrator.row_deadline_s=30"], timeout=240)
+    _run(
+        ray_cluster,
+        [
+            "natural_reasoning",
+            "--input",
+            str(src),
+            "--output",
+            str(out),
+            *SIM,
+            "llm.timeout_rate=0.5",
+            "llm.timeout_s=1",
+            "llm.retries=1",
+            "llm.backoff_s=0.01",
+            "roles.filter.retries=0",
+            "roles.score.retries=0",
+            "roles.question.retries=0",
+            "orchestrator.row_deadline_s=30",
+        ],
+        timeout=240,
+    )
     rows = read_output(str(out))
     assert_exactly_once(rows, 60)
     errors = [r["error"] for r in rows if r["status"] == "error"]

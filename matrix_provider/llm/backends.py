@@ -2,8 +2,9 @@
 
 Served backends (`embedded`, `vllm`, `sglang`, `azure_openai`, `gemini`) become Ray Serve
 applications behind Serve's HTTP proxy on 127.0.0.1; the `sim` load simulator runs as detached
-actors the client reaches directly; `openai` points at endpoints that already exist. Every backend is probed before any row is admitted, so a dead endpoint or a missing key
-fails the run at once with one message.
+actors the client reaches directly; `openai` points at endpoints that already exist. Every
+backend is probed before any row is admitted, so a dead endpoint or a missing key fails the run
+at once with one message.
 """
 
 from __future__ import annotations
@@ -41,9 +42,9 @@ def serve_port() -> int:
 
 def build_app(spec: Any) -> Any:
     """The Serve application for a served backend (not yet running)."""
-    from matrix_provider.llm import gpu_engines, serve_apps
-
     from ray.serve.schema import LoggingConfig
+
+    from matrix_provider.llm import gpu_engines, serve_apps
 
     options = {
         "num_replicas": spec.replicas,
@@ -120,13 +121,14 @@ def probe(config: ClientConfig, timeout_s: float = 30.0) -> None:
     body = {"model": config.model, "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1}
     for endpoint in config.endpoints:
         try:
-            resp = httpx.post(f"{endpoint.rstrip('/')}/chat/completions", json=body, headers=headers,
-                              timeout=timeout_s)
+            resp = httpx.post(f"{endpoint.rstrip('/')}/chat/completions", json=body, headers=headers, timeout=timeout_s)
         except httpx.TimeoutException:
             continue
         except httpx.HTTPError as exc:
-            raise BackendError(f"LLM endpoint {endpoint} is unreachable ({type(exc).__name__}); "
-                               "check the URL and that the server is running") from None
+            raise BackendError(
+                f"LLM endpoint {endpoint} is unreachable ({type(exc).__name__}); "
+                "check the URL and that the server is running"
+            ) from None
         if resp.status_code in (401, 403):
             raise BackendError(f"LLM endpoint {endpoint} refused the API key (HTTP {resp.status_code})")
         if resp.status_code == 404:

@@ -93,9 +93,7 @@ class LLMClient:
             if not key:
                 raise LLMError(f"environment variable {config.api_key_env} (the API key) is not set")
             headers["Authorization"] = f"Bearer {key}"
-        limits = httpx.Limits(
-            max_connections=config.max_connections, max_keepalive_connections=config.max_connections
-        )
+        limits = httpx.Limits(max_connections=config.max_connections, max_keepalive_connections=config.max_connections)
         self._http = httpx.AsyncClient(
             headers=headers, limits=limits, timeout=httpx.Timeout(config.timeout_s, connect=10.0)
         )
@@ -135,9 +133,7 @@ class LLMClient:
             body["tools"] = tools
         return await self._request("/chat/completions", body, sticky_key)
 
-    async def complete(
-        self, prompt: str, *, sticky_key: str, max_tokens: int, temperature: float = 0.0
-    ) -> Completion:
+    async def complete(self, prompt: str, *, sticky_key: str, max_tokens: int, temperature: float = 0.0) -> Completion:
         body = {
             "model": self.config.model,
             "prompt": prompt,
@@ -151,7 +147,7 @@ class LLMClient:
         attempts = 0
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.config.retries + 1),
-            wait=wait_exponential_jitter(initial=self.config.backoff_s, max=30.0),
+            wait=wait_exponential_jitter(multiplier=self.config.backoff_s, max=30.0, jitter=self.config.backoff_s),
             retry=retry_if_exception(_retryable),
             reraise=True,
         )
@@ -174,7 +170,8 @@ class LLMClient:
         self.stats.requests += 1
         try:
             resp = await self._http.post(
-                endpoint.rstrip("/") + path, json=body,
+                endpoint.rstrip("/") + path,
+                json=body,
                 headers={SERVE_STICKY_HEADER: bucket, ATTEMPT_HEADER: str(attempt)},
             )
         except httpx.TimeoutException:

@@ -122,7 +122,9 @@ class ProxyServer(_OpenAISurface):
     def __init__(self, spec: dict[str, Any]):
         self._init_surface()
         backend = spec["backend"]
-        self.cfg = AzureOpenAISpec.model_validate(spec) if backend == "azure_openai" else GeminiSpec.model_validate(spec)
+        self.cfg = (
+            AzureOpenAISpec.model_validate(spec) if backend == "azure_openai" else GeminiSpec.model_validate(spec)
+        )
         self.key = os.environ.get(self.cfg.api_key_env, "")
         self.http = httpx.AsyncClient(timeout=httpx.Timeout(self.cfg.timeout_s, connect=10.0))
 

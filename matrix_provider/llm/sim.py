@@ -88,7 +88,7 @@ class SimEngine:
         s = self.spec
         mu = math.log(s.output_tokens_mean) - s.output_tokens_sigma**2 / 2
         draw = rng.lognormvariate(mu, s.output_tokens_sigma)
-        return max(1, min(int(round(draw)), s.output_tokens_max, max_tokens))
+        return max(1, min(round(draw), s.output_tokens_max, max_tokens))
 
     async def handle(self, path: str, body: dict[str, Any], attempt: int = 1) -> SimReply:
         rng = self._rng(body, attempt)
@@ -121,16 +121,20 @@ class SimEngine:
             self.in_flight -= 1
         self.prompt_tokens += prompt_tokens
         self.completion_tokens += out_tokens
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": out_tokens,
-                 "total_tokens": prompt_tokens + out_tokens}
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": out_tokens,
+            "total_tokens": prompt_tokens + out_tokens,
+        }
         if path.endswith("/chat/completions"):
             choice = {"index": 0, "message": message, "finish_reason": finish}
             obj = "chat.completion"
         else:
             choice = {"index": 0, "text": message["content"], "finish_reason": finish}
             obj = "text_completion"
-        return SimReply(200, {"id": f"sim-{self.requests}", "object": obj, "model": s.model,
-                              "choices": [choice], "usage": usage})
+        return SimReply(
+            200, {"id": f"sim-{self.requests}", "object": obj, "model": s.model, "choices": [choice], "usage": usage}
+        )
 
     def _answer(
         self, path: str, body: dict[str, Any], rng: random.Random, out_tokens: int
@@ -139,8 +143,11 @@ class SimEngine:
         if tools and path.endswith("/chat/completions") and rng.random() < self.spec.tool_call_rate:
             fn = rng.choice(tools)["function"]
             args = fake_value(fn.get("parameters") or {"type": "object"}, rng)
-            call = {"id": f"call_{rng.getrandbits(32):08x}", "type": "function",
-                    "function": {"name": fn["name"], "arguments": json.dumps(args)}}
+            call = {
+                "id": f"call_{rng.getrandbits(32):08x}",
+                "type": "function",
+                "function": {"name": fn["name"], "arguments": json.dumps(args)},
+            }
             return {"role": "assistant", "content": None, "tool_calls": [call]}, out_tokens, "tool_calls"
         fmt = body.get("response_format") or {}
         if fmt.get("type") == "json_schema":

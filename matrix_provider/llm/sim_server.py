@@ -69,8 +69,9 @@ def deploy_sim(spec: SimSpec, name: str) -> tuple[str, ...]:
     for i in range(spec.replicas):
         actor_name = f"{name}-{i}"
         replicas.append(
-            SimReplica.options(name=actor_name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
-                               max_concurrency=100_000).remote(payload, actor_name)
+            SimReplica.options(
+                name=actor_name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True, max_concurrency=100_000
+            ).remote(payload, actor_name)
         )
     return tuple(ray.get([r.start.remote() for r in replicas]))
 

@@ -19,9 +19,56 @@ from matrix_provider.runtime.pipeline import Pipeline
 from matrix_provider.runtime.roles import LLMRole, RowError, json_schema
 
 _WORD = re.compile(r"[A-Za-z']+")
-_STOPWORDS = frozenset(["the", "of", "and", "to", "a", "in", "is", "that", "it", "for", "as", "with", "be", "on", "this", "are", "by", "not", "or", "can", "an", "if"])
+_STOPWORDS = frozenset(
+    [
+        "the",
+        "of",
+        "and",
+        "to",
+        "a",
+        "in",
+        "is",
+        "that",
+        "it",
+        "for",
+        "as",
+        "with",
+        "be",
+        "on",
+        "this",
+        "are",
+        "by",
+        "not",
+        "or",
+        "can",
+        "an",
+        "if",
+    ]
+)
 _CUES = frozenset(
-    ["because", "therefore", "thus", "hence", "since", "so", "why", "how", "if", "then", "must", "implies", "means", "example", "reason", "consequently", "however", "although", "whereas", "suppose", "assume"]
+    [
+        "because",
+        "therefore",
+        "thus",
+        "hence",
+        "since",
+        "so",
+        "why",
+        "how",
+        "if",
+        "then",
+        "must",
+        "implies",
+        "means",
+        "example",
+        "reason",
+        "consequently",
+        "however",
+        "although",
+        "whereas",
+        "suppose",
+        "assume",
+    ]
 )
 
 
@@ -48,11 +95,19 @@ class FilterRole(LLMRole):
         verdict = heuristic_verdict(str(msg.row["text"]), self.params)
         if verdict is None:
             schema = json_schema({"reasoning": {"type": "boolean", "x-sim-true-rate": 0.5}})
-            answer = await self.chat_json(msg, [
-                {"role": "system", "content": "You classify web documents. Answer in JSON."},
-                {"role": "user", "content": "Does this document explain or argue something step by step "
-                                            f"(reasoning a student could learn from)?\n\n{excerpt(msg, self.params)}"},
-            ], schema, "reasoning_check")
+            answer = await self.chat_json(
+                msg,
+                [
+                    {"role": "system", "content": "You classify web documents. Answer in JSON."},
+                    {
+                        "role": "user",
+                        "content": "Does this document explain or argue something step by step "
+                        f"(reasoning a student could learn from)?\n\n{excerpt(msg, self.params)}",
+                    },
+                ],
+                schema,
+                "reasoning_check",
+            )
             if not answer.get("reasoning", False):
                 verdict = "classifier: no reasoning content"
         msg.set_result("filter", {"keep": verdict is None, "reason": verdict})
@@ -61,11 +116,19 @@ class FilterRole(LLMRole):
 class ScoreRole(LLMRole):
     async def run(self, msg: Orchestrator) -> None:
         schema = json_schema({"score": {"type": "integer", "minimum": 0, "maximum": 5}})
-        answer = await self.chat_json(msg, [
-            {"role": "system", "content": "You grade documents for teaching reasoning. Answer in JSON."},
-            {"role": "user", "content": "Grade from 0 (useless) to 5 (excellent) how well this document teaches "
-                                        f"reasoning.\n\n{excerpt(msg, self.params)}"},
-        ], schema, "quality_score")
+        answer = await self.chat_json(
+            msg,
+            [
+                {"role": "system", "content": "You grade documents for teaching reasoning. Answer in JSON."},
+                {
+                    "role": "user",
+                    "content": "Grade from 0 (useless) to 5 (excellent) how well this document teaches "
+                    f"reasoning.\n\n{excerpt(msg, self.params)}",
+                },
+            ],
+            schema,
+            "quality_score",
+        )
         try:
             score = max(0, min(5, int(answer.get("score", 0))))
         except (TypeError, ValueError):
@@ -75,14 +138,26 @@ class ScoreRole(LLMRole):
 
 class QuestionRole(LLMRole):
     async def run(self, msg: Orchestrator) -> None:
-        schema = json_schema({
-            "question": {"type": "string"}, "answer": {"type": "string"}, "reasoning": {"type": "string"},
-        })
-        answer = await self.chat_json(msg, [
-            {"role": "system", "content": "You write exam questions from documents. Answer in JSON."},
-            {"role": "user", "content": "Write one question this document answers, the answer, and the reasoning "
-                                        f"that leads to it.\n\n{excerpt(msg, self.params)}"},
-        ], schema, "qa_pair")
+        schema = json_schema(
+            {
+                "question": {"type": "string"},
+                "answer": {"type": "string"},
+                "reasoning": {"type": "string"},
+            }
+        )
+        answer = await self.chat_json(
+            msg,
+            [
+                {"role": "system", "content": "You write exam questions from documents. Answer in JSON."},
+                {
+                    "role": "user",
+                    "content": "Write one question this document answers, the answer, and the reasoning "
+                    f"that leads to it.\n\n{excerpt(msg, self.params)}",
+                },
+            ],
+            schema,
+            "qa_pair",
+        )
         msg.set_result("question", {k: str(answer.get(k, "")) for k in ("question", "answer", "reasoning")})
 
 
@@ -124,12 +199,14 @@ PIPELINE = Pipeline(
     name="natural_reasoning",
     orchestrator=NaturalReasoningOrchestrator,
     roles={"filter": FilterRole, "score": ScoreRole, "question": QuestionRole},
-    columns=pa.schema([
-        pa.field("url", pa.string()),
-        pa.field("quality_score", pa.int32()),
-        pa.field("question", pa.string()),
-        pa.field("answer", pa.string()),
-        pa.field("reasoning", pa.string()),
-    ]),
+    columns=pa.schema(
+        [
+            pa.field("url", pa.string()),
+            pa.field("quality_score", pa.int32()),
+            pa.field("question", pa.string()),
+            pa.field("answer", pa.string()),
+            pa.field("reasoning", pa.string()),
+        ]
+    ),
     output=output,
 )

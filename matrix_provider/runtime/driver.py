@@ -135,7 +135,10 @@ class PartitionDriver:
         flight.deadline = time.monotonic() + self.spec.orchestrator.row_deadline_s
         flight.acked, flight.misses = False, 0
         msg = self.pipeline.orchestrator(
-            id=row_id, partition=self.partition, delivery=flight.delivery, deadline=flight.deadline,
+            id=row_id,
+            partition=self.partition,
+            delivery=flight.delivery,
+            deadline=flight.deadline,
             row=flight.row,
         )
         first = msg.route(None)
@@ -245,8 +248,9 @@ class PartitionDriver:
         if flight is None:
             return
         if flight.delivery >= self.spec.orchestrator.max_deliveries:
-            row = error_row(self.pipeline, row_id, ERROR,
-                            f"{reason}; gave up after {flight.delivery} deliveries", flight.delivery)
+            row = error_row(
+                self.pipeline, row_id, ERROR, f"{reason}; gave up after {flight.delivery} deliveries", flight.delivery
+            )
             await self.complete(row, flight.delivery)
             return
         self.counters.rows_redelivered += 1
@@ -272,4 +276,3 @@ class PartitionDriver:
             "parts": c.parts,
             "reading": self.reading,
         }
-

@@ -32,10 +32,17 @@ from matrix_provider.runtime.spec import PipelineSpec, SpecError
 
 USAGE_ERRORS = (SpecError, InputError, OutputError, backends.BackendError)
 _POLL_S = 0.5
-FORWARDED_ENV = frozenset({
-    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
-    "AWS_DEFAULT_REGION", "AWS_REGION", "MATRIX_SERVE_PORT",
-})
+FORWARDED_ENV = frozenset(
+    {
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_ENDPOINT_URL",
+        "AWS_DEFAULT_REGION",
+        "AWS_REGION",
+        "MATRIX_SERVE_PORT",
+    }
+)
 _REASON_DETAIL = re.compile(r"\s*\([^)]*\)")  # "too short (12 words)" counts as "too short"
 
 
@@ -68,8 +75,12 @@ def connect_ray() -> bool:
         # Workers on an existing cluster do not share our environment: forward the standard storage
         # settings (set them on the nodes or use instance roles to keep keys out of runtime_env).
         forwarded = {k: v for k, v in os.environ.items() if k in FORWARDED_ENV}
-        ray.init(address=address, namespace=names.NAMESPACE, log_to_driver=True,
-                 runtime_env={"env_vars": forwarded} if forwarded else None)
+        ray.init(
+            address=address,
+            namespace=names.NAMESPACE,
+            log_to_driver=True,
+            runtime_env={"env_vars": forwarded} if forwarded else None,
+        )
         return False
     ray.init(namespace=names.NAMESPACE, include_dashboard=False, log_to_driver=True)
     return True
@@ -89,8 +100,15 @@ def run(spec: PipelineSpec, *, quiet: bool = False) -> dict[str, Any]:
     store = OutputStore(spec.run.output, spec.io.storage_options)
     store.check_writable()
     config_hash = spec.config_hash()
-    store.claim({"pipeline": pipeline.name, "config_hash": config_hash, "version": __version__,
-                 "spec": spec.model_dump(mode="json", exclude={"run"})}, spec.run.overwrite)
+    store.claim(
+        {
+            "pipeline": pipeline.name,
+            "config_hash": config_hash,
+            "version": __version__,
+            "spec": spec.model_dump(mode="json", exclude={"run"}),
+        },
+        spec.run.overwrite,
+    )
     committed = store.committed_ids()
 
     started_ray = connect_ray()
@@ -117,29 +135,44 @@ def run(spec: PipelineSpec, *, quiet: bool = False) -> dict[str, Any]:
     return manifest
 
 
-def _execute(spec: PipelineSpec, pipeline: Pipeline, fs: Any, files: list[Any], store: OutputStore,
-             committed: list[str], client_config: Any, actors: list[Any], quiet: bool) -> dict[str, Any]:
+def _execute(
+    spec: PipelineSpec,
+    pipeline: Pipeline,
+    fs: Any,
+    files: list[Any],
+    store: OutputStore,
+    committed: list[str],
+    client_config: Any,
+    actors: list[Any],
+    quiet: bool,
+) -> dict[str, Any]:
     run_id = uuid.uuid4().hex[:8]
     run_token = time.strftime("%Y%m%dT%H%M%S") + "-" + run_id
     spec_json = spec.model_dump_json()
     big = 100_000  # async actors: concurrency is bounded by our own queues and semaphores
-    actors.append(IdLedger.options(name=names.ledger_name(run_id), namespace=names.NAMESPACE)
-                  .remote(committed))
+    actors.append(IdLedger.options(name=names.ledger_name(run_id), namespace=names.NAMESPACE).remote(committed))
     agents = []
     for role, role_spec in spec.roles.items():
         for i in range(role_spec.replicas):
-            agents.append(Agent.options(
-                name=names.agent_name(run_id, role, i), namespace=names.NAMESPACE,
-                num_cpus=role_spec.num_cpus, num_gpus=role_spec.num_gpus, resources=role_spec.resources or None,
-                max_concurrency=big,
-            ).remote(run_id, role, spec_json, client_config))
+            agents.append(
+                Agent.options(
+                    name=names.agent_name(run_id, role, i),
+                    namespace=names.NAMESPACE,
+                    num_cpus=role_spec.num_cpus,
+                    num_gpus=role_spec.num_gpus,
+                    resources=role_spec.resources or None,
+                    max_concurrency=big,
+                ).remote(run_id, role, spec_json, client_config)
+            )
     actors.extend(agents)
     shards = plan(fs, files, spec.io, spec.run.partitions)
     drivers = []
     for p, shard in enumerate(shards):
         driver = PartitionDriver.options(
-            name=names.driver_name(run_id, p), namespace=names.NAMESPACE,
-            num_cpus=spec.resources.driver_num_cpus, max_concurrency=big,
+            name=names.driver_name(run_id, p),
+            namespace=names.NAMESPACE,
+            num_cpus=spec.resources.driver_num_cpus,
+            max_concurrency=big,
         ).remote(run_id, p, spec_json, shard, run_token)
         drivers.append(driver)
         actors.append(driver)
@@ -166,8 +199,9 @@ def _execute(spec: PipelineSpec, pipeline: Pipeline, fs: Any, files: list[Any], 
     return manifest
 
 
-def summarize(spec: PipelineSpec, pipeline: Pipeline, store: OutputStore,
-              results: list[dict[str, Any]]) -> dict[str, Any]:
+def summarize(
+    spec: PipelineSpec, pipeline: Pipeline, store: OutputStore, results: list[dict[str, Any]]
+) -> dict[str, Any]:
     """The manifest, counted from the committed output itself (and checked for duplicate ids)."""
     table = store.read_columns(["id", "status", "error", "prompt_tokens", "completion_tokens"])
     ids = table.column("id").to_pylist()
@@ -176,8 +210,8 @@ def summarize(spec: PipelineSpec, pipeline: Pipeline, store: OutputStore,
     if duplicates:
         raise RunFailed(f"output has {duplicates} duplicate ids: the sink's exactly-once check failed")
     reasons = collections.Counter(
-        _REASON_DETAIL.sub("", reason)[:100] for reason, status in zip(table.column("error").to_pylist(),
-                                                       table.column("status").to_pylist(), strict=True)
+        _REASON_DETAIL.sub("", reason)[:100]
+        for reason, status in zip(table.column("error").to_pylist(), table.column("status").to_pylist(), strict=True)
         if status != "ok" and reason
     )
     return {

@@ -32,9 +32,7 @@ class PipelineMetrics:
         keys = ("pipeline",)
         self.rows = Counter("matrix_rows_total", "rows finished, by status", (*keys, "status"))
         self.prompt_tokens = Counter("matrix_prompt_tokens_total", "prompt tokens of finished rows", keys)
-        self.completion_tokens = Counter(
-            "matrix_completion_tokens_total", "completion tokens of finished rows", keys
-        )
+        self.completion_tokens = Counter("matrix_completion_tokens_total", "completion tokens of finished rows", keys)
         self.in_flight = Gauge("matrix_rows_in_flight", "rows admitted and not yet finished", (*keys, "partition"))
         self.redelivered = Counter("matrix_rows_redelivered_total", "rows delivered again after loss or deadline", keys)
         for metric in (self.rows, self.prompt_tokens, self.completion_tokens, self.in_flight, self.redelivered):

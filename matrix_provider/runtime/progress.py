@@ -26,8 +26,13 @@ class Reporter:
         self.progress: Progress | None = None
         if self.tty:
             self.progress = Progress(
-                TextColumn("[bold]rows"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                TimeElapsedColumn(), console=self.console, transient=False,
+                TextColumn("[bold]rows"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeElapsedColumn(),
+                console=self.console,
+                transient=False,
             )
             self.task = self.progress.add_task("rows", total=total_hint, info="")
             self.progress.start()
@@ -36,15 +41,20 @@ class Reporter:
         elapsed = max(time.monotonic() - self.started, 1e-9)
         done = totals["rows_ok"] + totals["rows_filtered"] + totals["rows_error"] + totals["rows_resumed"]
         tokens = totals["prompt_tokens"] + totals["completion_tokens"]
-        info = (f"in flight {totals['in_flight']}  errors {totals['rows_error']}  "
-                f"resumed {totals['rows_resumed']}  {tokens / elapsed:,.0f} tok/s")
+        info = (
+            f"in flight {totals['in_flight']}  errors {totals['rows_error']}  "
+            f"resumed {totals['rows_resumed']}  {tokens / elapsed:,.0f} tok/s"
+        )
         if self.progress is not None:
             self.progress.update(self.task, completed=done, info=info)
         elif not self.quiet and time.monotonic() - self.last_line >= _LINE_EVERY_S:
             self.last_line = time.monotonic()
-            print(f"{PROGRESS_PREFIX}rows_done={done} in_flight={totals['in_flight']} "
-                  f"ok={totals['rows_ok']} filtered={totals['rows_filtered']} errors={totals['rows_error']} "
-                  f"resumed={totals['rows_resumed']} tokens_per_s={tokens / elapsed:.1f}", flush=True)
+            print(
+                f"{PROGRESS_PREFIX}rows_done={done} in_flight={totals['in_flight']} "
+                f"ok={totals['rows_ok']} filtered={totals['rows_filtered']} errors={totals['rows_error']} "
+                f"resumed={totals['rows_resumed']} tokens_per_s={tokens / elapsed:.1f}",
+                flush=True,
+            )
 
     def close(self) -> None:
         if self.progress is not None:
@@ -57,9 +67,20 @@ def print_summary(manifest: dict[str, Any]) -> None:
     table = Table(title=f"matrix run: {manifest['pipeline']} -> {manifest['output']}")
     table.add_column("figure")
     table.add_column("value", justify="right")
-    for key in ("rows_in", "rows_ok", "rows_filtered", "rows_error", "rows_resumed", "rows_redelivered",
-                "prompt_tokens", "completion_tokens", "tokens_per_s", "wall_seconds", "partitions",
-                "concurrency"):
+    for key in (
+        "rows_in",
+        "rows_ok",
+        "rows_filtered",
+        "rows_error",
+        "rows_resumed",
+        "rows_redelivered",
+        "prompt_tokens",
+        "completion_tokens",
+        "tokens_per_s",
+        "wall_seconds",
+        "partitions",
+        "concurrency",
+    ):
         value = manifest.get(key)
         table.add_row(key, f"{value:,.1f}" if isinstance(value, float) else f"{value:,}")
     console.print(table)

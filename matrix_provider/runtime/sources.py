@@ -81,8 +81,11 @@ def list_inputs(uri: str, io_spec: IOSpec) -> tuple[fsspec.AbstractFileSystem, l
             raise InputError(f"input {uri!r} does not exist")
         splits = []
         for path in paths:
-            kind = _kind(path) if io_spec.format == "auto" else (
-                "parquet" if io_spec.format == "parquet" else _kind(path) or "jsonl")
+            kind = (
+                _kind(path)
+                if io_spec.format == "auto"
+                else ("parquet" if io_spec.format == "parquet" else _kind(path) or "jsonl")
+            )
             if kind is None:
                 continue
             name = posixpath.relpath(path, base) if base else posixpath.basename(path)
@@ -104,8 +107,16 @@ def plan(fs: fsspec.AbstractFileSystem, files: list[Split], io_spec: IOSpec, par
     for f in files:
         if f.kind == "jsonl" and f.size > io_spec.split_bytes:
             for start in range(0, f.size, io_spec.split_bytes):
-                splits.append(Split(f.path, f.name, f.kind, start, min(start + io_spec.split_bytes, f.size),
-                                    min(io_spec.split_bytes, f.size - start)))
+                splits.append(
+                    Split(
+                        f.path,
+                        f.name,
+                        f.kind,
+                        start,
+                        min(start + io_spec.split_bytes, f.size),
+                        min(io_spec.split_bytes, f.size - start),
+                    )
+                )
         elif f.kind == "parquet" and f.size > io_spec.split_bytes:
             with fs.open(f.path, "rb") as handle:
                 meta = pq.ParquetFile(handle).metadata
@@ -167,8 +178,13 @@ def parse_line(line: bytes, pos_id: str, io_spec: IOSpec) -> Record:
     """One JSONL line -> a record, or an error/filtered record with the reason."""
     if len(line) > io_spec.max_doc_bytes:
         size_mb = len(line) / 1e6
-        return Record(pos_id, pos_id, None, "error",
-                      f"document is {size_mb:.1f} MB, over io.max_doc_bytes ({io_spec.max_doc_bytes} bytes)")
+        return Record(
+            pos_id,
+            pos_id,
+            None,
+            "error",
+            f"document is {size_mb:.1f} MB, over io.max_doc_bytes ({io_spec.max_doc_bytes} bytes)",
+        )
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -193,8 +209,9 @@ def check_row(row: dict[str, Any], pos_id: str, io_spec: IOSpec) -> Record:
     if not isinstance(text, str):
         return Record(pos_id, row_id, None, "error", f"field {io_spec.text_field!r} is not a string")
     if len(text) > io_spec.max_doc_bytes:
-        return Record(pos_id, row_id, None, "error",
-                      f"document is {len(text) / 1e6:.1f} M characters, over io.max_doc_bytes")
+        return Record(
+            pos_id, row_id, None, "error", f"document is {len(text) / 1e6:.1f} M characters, over io.max_doc_bytes"
+        )
     return Record(pos_id, row_id, row)
 
 

@@ -24,11 +24,31 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 # a rerun with more replicas or partitions still resumes the same output.
 OPERATIONAL_KEYS = frozenset(
     {
-        "replicas", "max_concurrency", "num_cpus", "num_gpus", "resources", "step_timeout_s",
-        "retries", "backoff_s", "timeout_s", "max_connections", "endpoints", "app_name",
-        "min_replicas", "max_replicas", "sticky_buckets", "orchestrator", "run", "n_threads",
-        "error_rate", "timeout_rate", "rate_limit_rate", "part_rows", "flush_interval_s",
-        "split_bytes", "storage_options",
+        "replicas",
+        "max_concurrency",
+        "num_cpus",
+        "num_gpus",
+        "resources",
+        "step_timeout_s",
+        "retries",
+        "backoff_s",
+        "timeout_s",
+        "max_connections",
+        "endpoints",
+        "app_name",
+        "min_replicas",
+        "max_replicas",
+        "sticky_buckets",
+        "orchestrator",
+        "run",
+        "n_threads",
+        "error_rate",
+        "timeout_rate",
+        "rate_limit_rate",
+        "part_rows",
+        "flush_interval_s",
+        "split_bytes",
+        "storage_options",
     }
 )
 
@@ -124,9 +144,7 @@ def resolve_spec_path(spec: str) -> Path:
     shipped = PIPELINES_DIR / f"{spec}.yaml"
     if shipped.is_file():
         return shipped
-    raise SpecError(
-        f"unknown pipeline {spec!r}: give a YAML path or one of {', '.join(shipped_pipelines())}"
-    )
+    raise SpecError(f"unknown pipeline {spec!r}: give a YAML path or one of {', '.join(shipped_pipelines())}")
 
 
 def compose(spec: str, overrides: list[str], run: dict[str, Any]) -> PipelineSpec:
@@ -144,8 +162,7 @@ def compose(spec: str, overrides: list[str], run: dict[str, Any]) -> PipelineSpe
     search = f"hydra.searchpath=[file://{CONF_DIR}]"
     # Dotted keys may name any field of the schema, also ones the YAML leaves at their default:
     # Hydra's `++` adds or sets, and pydantic (extra="forbid") then names any key that does not exist.
-    overrides = [f"++{o}" if "." in o.split("=", 1)[0] and not o.startswith(("+", "~")) else o
-                 for o in overrides]
+    overrides = [f"++{o}" if "." in o.split("=", 1)[0] and not o.startswith(("+", "~")) else o for o in overrides]
     try:
         with initialize_config_dir(config_dir=str(path.parent), version_base=None):
             cfg = hydra_compose(config_name=path.stem, overrides=[search, *overrides])

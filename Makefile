@@ -1,0 +1,35 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both install into .venv/ first.
+SHELL := /bin/bash
+UV_VERSION := 0.13.8
+UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: install demo test lint bench clean
+
+$(UV):
+	python3 -m pip install --user --quiet uv==$(UV_VERSION)
+
+$(VENV)/.installed: pyproject.toml uv.lock | $(UV)
+	$(UV) sync --frozen --all-extras --python 3.11
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/matrix run natural_reasoning --input matrix_provider/data/corpus --output demo-output \
+		--partitions 2 --concurrency 16
+
+lint: install
+	$(VENV)/bin/ruff check matrix_provider tests bench dags scripts
+	$(VENV)/bin/ruff format --check matrix_provider tests bench dags scripts
+
+test: install lint
+	bash tests/system_deps.sh
+	$(PY) -m pytest -q --durations=15
+
+bench: install
+	$(PY) bench/run.py
+
+clean:
+	rm -rf demo-output .pytest_cache .ruff_cache

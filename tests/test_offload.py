@@ -1,0 +1,52 @@
+"""Offloading: a 20-turn history travels as an object-store reference, and comes back intact."""
+
+from __future__ import annotations
+
+import asyncio
+
+from matrix_provider.runtime.orchestrator import Offloaded, Orchestrator
+
+
+class _Msg(Orchestrator):
+    def route(self, done: str | None) -> str | None:
+        return None
+
+
+def _conversation() -> _Msg:
+    msg = _Msg(id="row-1", partition=0, delivery=1, deadline=0.0, row={"text": "x" * 2000})
+    for turn in range(20):
+        msg.add_turn("user" if turn % 2 else "assistant", f"turn {turn}: " + "reasoning step " * 120)
+    return msg
+
+
+def test_twenty_turn_history_is_offloaded(ray_client, capsys) -> None:
+    msg = _conversation()
+    inline = msg.wire_bytes()
+    msg.offload(16384)
+    offloaded = msg.wire_bytes()
+    assert isinstance(msg.history, Offloaded)
+    assert not isinstance(msg.row, Offloaded)  # 2 KB row stays inline
+    with capsys.disabled():
+        print(
+            f"\n[offload] 20-turn history: {inline:,} bytes per message inline, {offloaded:,} offloaded "
+            f"({inline / offloaded:.0f}x smaller)"
+        )
+    assert offloaded * 10 < inline
+    asyncio.run(msg.materialize())
+    assert msg.history == _conversation().history
+    # Unchanged history is not put again: the same reference travels on.
+    ref = msg._offloaded_copy("history")
+    msg.offload(16384)
+    assert msg.history is ref
+    # A new turn marks it dirty: it is put afresh.
+    asyncio.run(msg.materialize())
+    msg.add_turn("user", "one more")
+    msg.offload(16384)
+    assert msg.history is not ref and isinstance(msg.history, Offloaded)
+
+
+def test_offloading_off_keeps_everything_inline() -> None:
+    msg = _conversation()
+    size = msg.wire_bytes()
+    msg.offload(0)
+    assert msg.wire_bytes() == size
