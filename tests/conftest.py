@@ -7,8 +7,10 @@ Both bind 127.0.0.1 only, are started once per session, and are stopped by the P
 from __future__ import annotations
 
 import contextlib
+import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -62,16 +64,14 @@ class RayCluster:
 
 
 def _kill_cluster(gcs_port: int) -> None:
-    marks = (f"127.0.0.1:{gcs_port}", f"--gcs_server_port={gcs_port}", f"--port={gcs_port}")
-    procs = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(proc.info["cmdline"] or [])
-        if any(m in cmd for m in marks) and proc.pid != os.getpid():
-            procs.append(proc)
-    for proc in procs:
+    """End the processes of the head we started: those naming its GCS port, and their children."""
+    mark = re.compile(rf"(gcs[-_]address=\S*:|--port=|gcs_server_port=){gcs_port}(\s|$)")
+    roots = [p for p in psutil.process_iter(["cmdline"]) if mark.search(" ".join(p.info["cmdline"] or []))]
+    procs = {p.pid: p for root in roots for p in [root, *root.children(recursive=True)] if p.pid != os.getpid()}
+    for proc in procs.values():
         with contextlib.suppress(psutil.Error):
             proc.send_signal(signal.SIGTERM)
-    _, alive = psutil.wait_procs(procs, timeout=10)
+    _, alive = psutil.wait_procs(list(procs.values()), timeout=10)
     for proc in alive:
         with contextlib.suppress(psutil.Error):
             proc.kill()
@@ -113,6 +113,9 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster
         yield RayCluster(f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dash_port}", serve_port, token, run_env)
     finally:
         _kill_cluster(gcs_port)
+        current = Path("/tmp/ray/ray_current_cluster")  # left behind when a head is not `ray stop`ped
+        if current.exists() and current.read_text().strip().endswith(f":{gcs_port}"):
+            current.unlink()
 
 
 @pytest.fixture(scope="session")

@@ -82,6 +82,13 @@ def deploy(spec: Any) -> ClientConfig:
     return client_config(spec, (f"http://127.0.0.1:{serve_port()}/{name}/v1",))
 
 
+def _reason(resp: httpx.Response) -> str:
+    try:
+        return str(resp.json()["error"]["message"])[:300]
+    except (ValueError, KeyError, TypeError):
+        return resp.text[:300]
+
+
 def _running(name: str) -> bool:
     """An app of this name (its name hashes its settings) is already up: reuse it, do not redeploy."""
     from ray import serve
@@ -130,7 +137,9 @@ def probe(config: ClientConfig, timeout_s: float = 30.0) -> None:
                 "check the URL and that the server is running"
             ) from None
         if resp.status_code in (401, 403):
-            raise BackendError(f"LLM endpoint {endpoint} refused the API key (HTTP {resp.status_code})")
+            raise BackendError(
+                f"LLM endpoint {endpoint} refused the API key (HTTP {resp.status_code}): {_reason(resp)}"
+            )
         if resp.status_code == 404:
             raise BackendError(f"LLM endpoint {endpoint} has no model {config.model!r} or no such route (HTTP 404)")
         if resp.status_code >= 500 and resp.status_code != 503:

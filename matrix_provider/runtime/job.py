@@ -82,7 +82,8 @@ def connect_ray() -> bool:
             runtime_env={"env_vars": forwarded} if forwarded else None,
         )
         return False
-    ray.init(namespace=names.NAMESPACE, include_dashboard=False, log_to_driver=True)
+    # "local" starts a fresh Ray even when an earlier cluster on this machine left its address behind.
+    ray.init(address="local", namespace=names.NAMESPACE, include_dashboard=False, log_to_driver=True)
     return True
 
 

@@ -70,6 +70,11 @@ class LLMRole(Role):
         try:
             value = json.loads(completion.text)
         except json.JSONDecodeError:
+            if completion.finish_reason == "length":
+                raise RowError(
+                    f"{self.name}: answer cut off at max_tokens={self.spec.max_tokens} before its JSON closed; "
+                    f"raise roles.{self.name}.max_tokens"
+                ) from None
             raise RowError(f"{self.name}: model answer is not JSON: {completion.text[:120]!r}") from None
         if not isinstance(value, dict):
             raise RowError(f"{self.name}: model answer is not a JSON object")
