@@ -7,7 +7,6 @@ Both bind 127.0.0.1 only, are started once per session, and are stopped by the P
 from __future__ import annotations
 
 import contextlib
-import contextlib
 import json
 import os
 import re
@@ -31,7 +30,8 @@ import pytest
 os.environ["RAY_AUTH_MODE"] = "token"
 
 PROXY_KEY_ENV = "MATRIX_TEST_UPSTREAM_KEY"
-PROXY_KEY = "sk-test-" + uuid.uuid4().hex
+# Through the environment so that `conftest` and `tests.conftest` (two imports of this file) agree.
+PROXY_KEY = os.environ.setdefault("MATRIX_TEST_PROXY_KEY_VALUE", "sk-test-" + uuid.uuid4().hex)
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent

@@ -23,8 +23,16 @@ def upstream() -> StandIn:
 
 def _args(backend: str, upstream: StandIn, src: Path, out: Path, **extra: str) -> list[str]:
     settings = {"upstream": upstream.url, "api_key_env": PROXY_KEY_ENV, "model": "my-deployment", **extra}
-    return ["run", "natural_reasoning", "--input", str(src), "--output", str(out), f"llm={backend}",
-            *(f"llm.{k}={v}" for k, v in settings.items())]
+    return [
+        "run",
+        "natural_reasoning",
+        "--input",
+        str(src),
+        "--output",
+        str(out),
+        f"llm={backend}",
+        *(f"llm.{k}={v}" for k, v in settings.items()),
+    ]
 
 
 def _ray_logs_contain(ray_cluster, text: str) -> list[str]:
@@ -67,8 +75,7 @@ def test_upstream_error_echoing_the_key_is_scrubbed(ray_cluster, upstream: Stand
     out = tmp_path / "out"
     upstream.refuse = True
     try:
-        result = run_matrix(_args("azure_openai", upstream, src, out, app_name="test-azure-refuse"),
-                            ray_cluster.env)
+        result = run_matrix(_args("azure_openai", upstream, src, out, app_name="test-azure-refuse"), ray_cluster.env)
     finally:
         upstream.refuse = False
     assert result.returncode == 2
@@ -79,8 +86,10 @@ def test_upstream_error_echoing_the_key_is_scrubbed(ray_cluster, upstream: Stand
 
 def test_missing_key_on_the_cluster_is_one_clear_error(ray_cluster, upstream: StandIn, tmp_path: Path) -> None:
     src = write_jsonl(tmp_path / "in" / "d.jsonl", 2)
-    result = run_matrix(_args("gemini", upstream, src, tmp_path / "out", api_key_env="NO_SUCH_KEY_VAR",
-                              app_name="test-gemini-nokey"), ray_cluster.env)
+    result = run_matrix(
+        _args("gemini", upstream, src, tmp_path / "out", api_key_env="NO_SUCH_KEY_VAR", app_name="test-gemini-nokey"),
+        ray_cluster.env,
+    )
     assert result.returncode == 2
     assert "NO_SUCH_KEY_VAR" in result.stderr
     assert "Traceback" not in result.stderr

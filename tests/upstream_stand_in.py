@@ -29,15 +29,26 @@ class StandIn:
 
     async def _handle(self, request: web.Request) -> web.Response:
         body = await request.json()
-        self.seen.append({"path": request.path, "query": request.query_string, "model": body.get("model", ""),
-                          **{k.lower(): v for k, v in request.headers.items()}})
+        self.seen.append(
+            {
+                "path": request.path,
+                "query": request.query_string,
+                "model": body.get("model", ""),
+                **{k.lower(): v for k, v in request.headers.items()},
+            }
+        )
         if self.refuse:
             key = request.headers.get("api-key") or request.headers.get("Authorization", "")
             return web.json_response({"error": {"message": f"invalid key {key}"}}, status=401)
         usage = {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}
-        return web.json_response({"id": "x", "object": "chat.completion", "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": ANSWER}, "finish_reason": "stop"}],
-            "usage": usage})
+        return web.json_response(
+            {
+                "id": "x",
+                "object": "chat.completion",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": ANSWER}, "finish_reason": "stop"}],
+                "usage": usage,
+            }
+        )
 
     def start(self) -> StandIn:
         ready = threading.Event()

@@ -11,6 +11,9 @@ import asyncio
 import glob
 import os
 import socket
+import subprocess
+import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -20,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from matrix_provider.llm.client import ATTEMPT_HEADER, REPLICA_HEADER
-from matrix_provider.llm.spec import AzureOpenAISpec, EmbeddedSpec, GeminiSpec
+from matrix_provider.llm.spec import AzureOpenAISpec, EmbeddedSpec, GeminiSpec, SGLangSpec
 
 STICKY_KEYS_PER_REPLICA = 4096
 
@@ -111,27 +114,49 @@ class EmbeddedServer(_OpenAISurface):
         return 200, result
 
 
-@serve.deployment(max_ongoing_requests=4096)
-class ProxyServer(_OpenAISurface):
-    """Forwards OpenAI-format requests to Azure OpenAI or Gemini with the key from the environment.
+class _Forwarder(_OpenAISurface):
+    """Forwards OpenAI-format requests to an upstream HTTP server and returns its answer."""
 
-    The key is read in the replica from the cluster's environment; it is sent upstream and scrubbed
-    from anything returned.
+    def _init_forwarder(self, timeout_s: float) -> None:
+        self._init_surface()
+        self.http = httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=10.0))
+
+    def upstream_request(self, path: str) -> tuple[str, dict[str, str], dict[str, str]]:
+        """(url, headers, query) for a request to `path`."""
+        raise NotImplementedError
+
+    def scrub(self, text: str) -> str:
+        return text
+
+    async def forward(self, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        url, headers, query = self.upstream_request(path)
+        try:
+            resp = await self.http.post(url, json=body, headers=headers, params=query)
+        except httpx.HTTPError as exc:
+            host = url.split("/")[2]
+            return 502, {"error": {"message": f"upstream {host} unreachable: {type(exc).__name__}"}}
+        if resp.status_code != 200:
+            return resp.status_code, {"error": {"message": self.scrub(resp.text[:500])}}
+        return 200, resp.json()
+
+
+@serve.deployment(max_ongoing_requests=4096)
+class ProxyServer(_Forwarder):
+    """Azure OpenAI or Gemini with the key from the cluster's environment.
+
+    The key is read in the replica; it is sent upstream and scrubbed from anything returned.
     """
 
     def __init__(self, spec: dict[str, Any]):
-        self._init_surface()
-        backend = spec["backend"]
-        self.cfg = (
-            AzureOpenAISpec.model_validate(spec) if backend == "azure_openai" else GeminiSpec.model_validate(spec)
-        )
+        model = AzureOpenAISpec if spec["backend"] == "azure_openai" else GeminiSpec
+        self.cfg = model.model_validate(spec)
+        self._init_forwarder(self.cfg.timeout_s)
         self.key = os.environ.get(self.cfg.api_key_env, "")
-        self.http = httpx.AsyncClient(timeout=httpx.Timeout(self.cfg.timeout_s, connect=10.0))
 
     async def get(self, path: str) -> dict[str, Any]:
         return {"status": "ok" if self.key else f"missing key: {self.cfg.api_key_env} is not set"}
 
-    def _upstream(self, path: str) -> tuple[str, dict[str, str], dict[str, str]]:
+    def upstream_request(self, path: str) -> tuple[str, dict[str, str], dict[str, str]]:
         suffix = "chat/completions" if path.endswith("/chat/completions") else "completions"
         base = self.cfg.upstream.rstrip("/")
         if isinstance(self.cfg, AzureOpenAISpec):
@@ -139,18 +164,74 @@ class ProxyServer(_OpenAISurface):
             return url, {"api-key": self.key}, {"api-version": self.cfg.api_version}
         return f"{base}/{suffix}", {"Authorization": f"Bearer {self.key}"}, {}
 
-    def _scrub(self, text: str) -> str:
+    def scrub(self, text: str) -> str:
         return text.replace(self.key, "***") if self.key else text
 
     async def generate(self, path: str, body: dict[str, Any], attempt: int) -> tuple[int, dict[str, Any]]:
         if not self.key:
             return 401, {"error": {"message": f"API key missing: set {self.cfg.api_key_env} on the cluster"}}
-        url, headers, query = self._upstream(path)
-        body = {**body, "model": self.cfg.model}
-        try:
-            resp = await self.http.post(url, json=body, headers=headers, params=query)
-        except httpx.HTTPError as exc:
-            return 502, {"error": {"message": f"upstream {self.cfg.upstream} unreachable: {type(exc).__name__}"}}
-        if resp.status_code != 200:
-            return resp.status_code, {"error": {"message": self._scrub(resp.text[:500])}}
-        return 200, resp.json()
+        return await self.forward(path, {**body, "model": self.cfg.model})
+
+
+def sglang_command(spec: dict[str, Any], port: int) -> list[str]:
+    """SGLang's own OpenAI server for one replica (tensor/pipeline parallel inside the replica)."""
+    cfg = SGLangSpec.model_validate(spec)
+    cmd = [
+        sys.executable,
+        "-m",
+        "sglang.launch_server",
+        "--model-path",
+        cfg.model_source or cfg.model,
+        "--served-model-name",
+        cfg.model,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--tp-size",
+        str(cfg.tensor_parallel_size),
+        "--pp-size",
+        str(cfg.pipeline_parallel_size),
+    ]
+    if cfg.max_model_len:
+        cmd += ["--context-length", str(cfg.max_model_len)]
+    for key, value in cfg.engine_kwargs.items():
+        cmd += [f"--{key.replace('_', '-')}", str(value)]
+    return cmd
+
+
+@serve.deployment(max_ongoing_requests=4096, health_check_period_s=10)
+class SGLangServer(_Forwarder):
+    """SGLang's server process under a Serve replica (Ray Serve LLM 2.60 runs only vLLM engines)."""
+
+    def __init__(self, spec: dict[str, Any], startup_timeout_s: float = 1800.0):
+        self._init_forwarder(SGLangSpec.model_validate(spec).timeout_s)
+        self.port = _free_port()
+        self.process = subprocess.Popen(sglang_command(spec, self.port))
+        deadline = time.monotonic() + startup_timeout_s
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"SGLang server exited with code {self.process.returncode} while starting")
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"SGLang server not healthy after {startup_timeout_s:g}s")
+            time.sleep(2)
+
+    def check_health(self) -> None:
+        if self.process.poll() is not None:
+            raise RuntimeError(f"SGLang server exited with code {self.process.returncode}")
+
+    def upstream_request(self, path: str) -> tuple[str, dict[str, str], dict[str, str]]:
+        suffix = "chat/completions" if path.endswith("/chat/completions") else "completions"
+        return f"http://127.0.0.1:{self.port}/v1/{suffix}", {}, {}
+
+    async def generate(self, path: str, body: dict[str, Any], attempt: int) -> tuple[int, dict[str, Any]]:
+        return await self.forward(path, body)
+
+    def __del__(self) -> None:
+        if getattr(self, "process", None) is not None and self.process.poll() is None:
+            self.process.terminate()
