@@ -14,6 +14,8 @@ import json
 import sys
 from typing import Any
 
+from matrix_provider.protocol import ERROR_PREFIX, MANIFEST_PREFIX
+
 EXIT_USAGE = 2
 
 
@@ -38,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _fail(message: str, code: int = EXIT_USAGE) -> int:
-    print(f"matrix: error: {message}", file=sys.stderr)
+    print(f"{ERROR_PREFIX}{message}", file=sys.stderr, flush=True)
     return code
 
 
@@ -66,7 +68,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except job.RunFailed as exc:
         return _fail(str(exc), 1)
     if args.manifest_json:
-        print("[matrix] manifest " + json.dumps({k: v for k, v in manifest.items() if k != "spec"}))
+        print(MANIFEST_PREFIX + json.dumps({k: v for k, v in manifest.items() if k != "spec"}), flush=True)
     return 0
 
 

@@ -79,11 +79,13 @@ def _kill_cluster(gcs_port: int) -> None:
 
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
-    gcs_port, dash_port, serve_port = free_port(), free_port(), free_port()
+    gcs_port, dash_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env["PATH"] = f"{VENV_BIN}:{env['PATH']}"
     # The cluster's own environment holds the proxy key, as a production cluster's nodes would.
     env[PROXY_KEY_ENV] = PROXY_KEY
+    serve_port = free_port()
+    env.update(RAY_AUTH_MODE="token", MATRIX_SERVE_PORT=str(serve_port))  # inherited by jobs the cluster runs
     cmd = [
         str(VENV_BIN / "ray"),
         "start",
@@ -102,12 +104,7 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster
     subprocess.run(cmd, check=True, env=env, cwd=workdir, capture_output=True, timeout=180)
     token_file = Path.home() / ".ray" / "auth_token"
     token = token_file.read_text().strip() if token_file.exists() else None
-    run_env = {
-        **env,
-        "RAY_ADDRESS": f"127.0.0.1:{gcs_port}",
-        "MATRIX_SERVE_PORT": str(serve_port),
-        "RAY_AUTH_MODE": "token",
-    }  # clients send ~/.ray/auth_token only in token mode
+    run_env = {**env, "RAY_ADDRESS": f"127.0.0.1:{gcs_port}"}
     wait_port(dash_port)
     try:
         yield RayCluster(f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dash_port}", serve_port, token, run_env)
@@ -245,3 +242,53 @@ def unique(prefix: str) -> str:
 def copy_corpus(dest: Path) -> Path:
     shutil.copytree(CORPUS, dest)
     return dest
+
+
+@dataclass
+class AirflowEnv:
+    home: Path
+    env: dict[str, str]
+
+    def airflow(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(VENV_BIN / "airflow"), *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=self.home,
+        )
+
+    def python(self, code: str) -> str:
+        """Run code in a fresh interpreter against this Airflow's database; returns its stdout."""
+        result = subprocess.run(
+            [sys.executable, "-c", code], env=self.env, capture_output=True, text=True, timeout=120, cwd=self.home
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stdout
+
+
+@pytest.fixture(scope="session")
+def airflow_env(ray_cluster: RayCluster, tmp_path_factory: pytest.TempPathFactory) -> AirflowEnv:
+    """A real Airflow (SQLite, migrated) whose `matrix_ray_default` connection points at the test cluster."""
+    home = tmp_path_factory.mktemp("airflow")
+    host, port = ray_cluster.dashboard_url.removeprefix("http://").split(":")
+    conn = {"conn_type": "matrix_ray", "host": host, "port": int(port), "password": ray_cluster.token}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "RAY_"))}
+    env.update(
+        PATH=f"{VENV_BIN}:{env['PATH']}",
+        AIRFLOW_HOME=str(home),
+        AIRFLOW__CORE__DAGS_FOLDER=str(REPO / "dags"),
+        AIRFLOW__CORE__LOAD_EXAMPLES="False",
+        AIRFLOW__CORE__EXECUTOR="LocalExecutor",
+        AIRFLOW__LOGGING__LOGGING_LEVEL="INFO",
+        AIRFLOW_CONN_MATRIX_RAY_DEFAULT=json.dumps(conn),
+        MATRIX_CURATION_LLM="sim",
+        MATRIX_CURATION_PARTITIONS="2",
+    )
+    env.pop("MATRIX_TEST_PROXY_KEY_VALUE", None)
+    result = subprocess.run(
+        [str(VENV_BIN / "airflow"), "db", "migrate"], env=env, capture_output=True, text=True, timeout=300, cwd=home
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return AirflowEnv(home, env)

@@ -12,7 +12,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-PROGRESS_PREFIX = "[matrix] progress "
+from matrix_provider.protocol import PROGRESS_PREFIX
+
 _LINE_EVERY_S = 2.0
 
 

@@ -16,8 +16,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from matrix_provider.llm.spec import LLMSpec
+from matrix_provider.protocol import PIPELINES_DIR, shipped_pipelines
 
-PIPELINES_DIR = Path(__file__).resolve().parent.parent / "pipelines"
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 # Fields that change how fast a run goes but not what it writes: left out of config_hash so that
@@ -128,10 +128,6 @@ def _drop_keys(value: Any, keys: frozenset[str]) -> Any:
     if isinstance(value, list):
         return [_drop_keys(v, keys) for v in value]
     return value
-
-
-def shipped_pipelines() -> list[str]:
-    return sorted(p.stem for p in PIPELINES_DIR.glob("*.yaml"))
 
 
 def resolve_spec_path(spec: str) -> Path:

@@ -1,0 +1,5 @@
+"""Airflow operators."""
+
+from matrix_provider.operators.pipeline import MatrixPipelineOperator
+
+__all__ = ["MatrixPipelineOperator"]

@@ -1,0 +1,53 @@
+"""Provider registration (entry point `apache_airflow_provider`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from matrix_provider import __version__
+
+
+def get_provider_info() -> dict[str, Any]:
+    return {
+        "package-name": "matrix-provider",
+        "name": "Matrix (peer-to-peer multi-agent LLM pipelines on Ray)",
+        "description": "Run matrix pipelines as Ray jobs: deferrable operator, Ray Jobs hook and trigger, UI view.",
+        "versions": [__version__],
+        "integrations": [
+            {"integration-name": "Matrix on Ray", "external-doc-url": "https://docs.ray.io/", "tags": ["software"]}
+        ],
+        "operators": [{"integration-name": "Matrix on Ray", "python-modules": ["matrix_provider.operators.pipeline"]}],
+        "hooks": [{"integration-name": "Matrix on Ray", "python-modules": ["matrix_provider.hooks.ray_jobs"]}],
+        "triggers": [{"integration-name": "Matrix on Ray", "python-modules": ["matrix_provider.triggers.ray_job"]}],
+        "extra-links": ["matrix_provider.links.ray.RayJobLink", "matrix_provider.links.ray.GrafanaLink"],
+        "plugins": [{"name": "matrix", "plugin-class": "matrix_provider.plugins.ui.MatrixPlugin"}],
+        "connection-types": [
+            {
+                "hook-class-name": "matrix_provider.hooks.ray_jobs.MatrixRayHook",
+                "hook-name": "Matrix on Ray (Jobs API)",
+                "connection-type": "matrix_ray",
+                "conn-fields": {
+                    "tls": {"label": "Use HTTPS", "schema": {"type": ["boolean", "null"], "default": False}},
+                    "verify_tls": {
+                        "label": "Verify TLS certificate",
+                        "schema": {"type": ["boolean", "null"], "default": True},
+                    },
+                    "dashboard_url": {
+                        "label": "Ray dashboard URL for links",
+                        "schema": {"type": ["string", "null"]},
+                        "description": "Public URL of the dashboard, if it differs from host:port",
+                    },
+                    "grafana_url": {"label": "Grafana URL", "schema": {"type": ["string", "null"]}},
+                },
+                "ui-field-behaviour": {
+                    "hidden-fields": ["schema", "login", "extra"],
+                    "relabeling": {
+                        "host": "Ray dashboard host",
+                        "port": "Ray dashboard port (8265)",
+                        "password": "Ray auth token",
+                    },
+                    "placeholders": {"host": "ray-head.example.internal", "port": "8265"},
+                },
+            }
+        ],
+    }
