@@ -201,12 +201,12 @@ def test_bad_input_fails_at_once_with_the_fix(conn_env, tmp_path: Path, monkeypa
     with pytest.raises(AirflowException, match="input_uri rendered to an empty value"):
         empty.execute(ctx)
     unknown = MatrixPipelineOperator(task_id="bad", pipeline="nope", input_uri="x", output_uri="y")
-    with pytest.raises(AirflowException, match="unknown pipeline 'nope'.*natural_reasoning"):
+    with pytest.raises(AirflowException, match=r"unknown pipeline 'nope'.*natural_reasoning"):
         unknown.execute(ctx)
     op = MatrixPipelineOperator(
         task_id="bad", pipeline="natural_reasoning", input_uri="x", output_uri="y", ray_conn_id="no_such_conn"
     )
-    with pytest.raises(AirflowException, match="connection 'no_such_conn' not found.*AIRFLOW_CONN_NO_SUCH_CONN"):
+    with pytest.raises(AirflowException, match=r"connection 'no_such_conn' not found.*AIRFLOW_CONN_NO_SUCH_CONN"):
         op.execute(ctx)
     conn = json.loads(conn_env.env["AIRFLOW_CONN_MATRIX_RAY_DEFAULT"])
     monkeypatch.setenv("AIRFLOW_CONN_WRONG_TOKEN", json.dumps({**conn, "password": "not-the-token"}))
