@@ -13,7 +13,6 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -55,8 +54,14 @@ def services(airflow_env, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     procs = {}
     for name, args in commands.items():
         log = open(logs / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
-        procs[name] = subprocess.Popen([str(VENV_BIN / "airflow"), *args], env=env, stdout=log,
-                                       stderr=subprocess.STDOUT, cwd=airflow_env.home, start_new_session=True)
+        procs[name] = subprocess.Popen(
+            [str(VENV_BIN / "airflow"), *args],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=airflow_env.home,
+            start_new_session=True,
+        )
     try:
         wait_port(port, timeout=180)
         yield {"env": env, "url": f"http://127.0.0.1:{port}", "root": root, "logs": logs, "home": airflow_env.home}
@@ -71,8 +76,14 @@ def services(airflow_env, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 
 
 def _airflow(services: dict, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(VENV_BIN / "airflow"), *args], env=services["env"], capture_output=True, text=True,
-                          timeout=300, cwd=services["home"])
+    return subprocess.run(
+        [str(VENV_BIN / "airflow"), *args],
+        env=services["env"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=services["home"],
+    )
 
 
 def _wait_parsed(services: dict, dag_id: str, timeout: float = 180) -> None:
@@ -88,13 +99,18 @@ def _logs_tail(services: dict) -> str:
 
 def test_backfill_over_three_snapshots_runs_three_jobs(services, ray_cluster, monkeypatch) -> None:
     _wait_parsed(services, "matrix_curation")
-    result = _airflow(services, "backfill", "create", "--dag-id", "matrix_curation", "--from-date", DATES[0],
-                      "--to-date", DATES[-1])
+    result = _airflow(
+        services, "backfill", "create", "--dag-id", "matrix_curation", "--from-date", DATES[0], "--to-date", DATES[-1]
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    # New DAGs start paused and the scheduler runs no backfill of a paused DAG. Unpausing also adds
+    # the latest scheduled run (catchup=False); the assertions below count only the backfill's jobs.
+    assert _airflow(services, "dags", "unpause", "matrix_curation").returncode == 0
     deadline = time.monotonic() + 900
     while True:
-        runs = json.loads(_airflow(services, "dags", "list-runs", "matrix_curation", "-o", "json").stdout or "[]")
-        states = {r["logical_date"][:10]: r["state"] for r in runs}
+        out = _airflow(services, "dags", "list-runs", "matrix_curation", "-o", "json").stdout
+        runs = json.loads(next((ln for ln in reversed(out.splitlines()) if ln.startswith("[")), "[]"))
+        states = {r["logical_date"][:10]: r["state"] for r in runs if r["run_id"].startswith("backfill")}
         if all(states.get(d) in ("success", "failed") for d in DATES):
             break
         assert time.monotonic() < deadline, f"backfill not done: {states}\n{_logs_tail(services)}"
@@ -108,8 +124,12 @@ def test_backfill_over_three_snapshots_runs_three_jobs(services, ray_cluster, mo
         assert manifest["input"].endswith(f"/{date}/"), manifest["input"]
         del i
     monkeypatch.setenv("AIRFLOW_CONN_MATRIX_RAY_DEFAULT", services["env"]["AIRFLOW_CONN_MATRIX_RAY_DEFAULT"])
-    jobs = [j for j in MatrixRayHook().list_jobs() if (j.get("metadata") or {}).get("airflow_dag_id") ==
-            "matrix_curation" and "backfill" in (j.get("metadata") or {}).get("airflow_run_id", "")]
+    jobs = [
+        j
+        for j in MatrixRayHook().list_jobs()
+        if (j.get("metadata") or {}).get("airflow_dag_id") == "matrix_curation"
+        and "backfill" in (j.get("metadata") or {}).get("airflow_run_id", "")
+    ]
     assert len(jobs) == 3, [j.get("submission_id") for j in jobs]
 
 
@@ -119,13 +139,27 @@ def test_matrix_view_renders_in_chromium(services) -> None:
     assert page.status_code == 200, page.text[:500]
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "matrix-ui.png"
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
-             "--disable-component-update", "--disable-sync", "--disable-quic", f"--user-data-dir={services['home']}/chr"]
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--no-first-run",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-quic",
+        f"--user-data-dir={services['home']}/chr",
+    ]
     chromium = shutil.which("chromium") or "chromium"
-    dom = subprocess.run([chromium, *flags, "--dump-dom", f"{base}/matrix/"], capture_output=True, text=True,
-                         timeout=120).stdout
-    subprocess.run([chromium, *flags, f"--screenshot={shot}", "--window-size=1500,500", f"{base}/matrix/"],
-                   capture_output=True, timeout=120, check=True)
+    dom = subprocess.run(
+        [chromium, *flags, "--dump-dom", f"{base}/matrix/"], capture_output=True, text=True, timeout=120
+    ).stdout
+    subprocess.run(
+        [chromium, *flags, f"--screenshot={shot}", "--window-size=1900,520", f"{base}/matrix/"],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
     assert "Matrix pipeline runs" in dom
     assert "matrix_curation" in dom and "SUCCEEDED" in dom
     assert ">15<" in dom, "a finished run's row count must be on the page"

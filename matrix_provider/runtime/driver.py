@@ -38,6 +38,7 @@ class Flight:
     deadline: float
     acked: bool = False
     misses: int = 0
+    admitted: float = 0.0
 
 
 @dataclass
@@ -118,7 +119,7 @@ class PartitionDriver:
             else:
                 assert self.slots is not None
                 await self.slots.acquire()
-                self.in_flight[record.id] = Flight(record.row, 0, 0.0)
+                self.in_flight[record.id] = Flight(record.row, 0, 0.0, admitted=time.monotonic())
                 self._spawn(self._deliver(record.id))
 
     def _spawn(self, coro: Any) -> None:
@@ -165,6 +166,7 @@ class PartitionDriver:
             return
         assert self.slots is not None
         self.slots.release()
+        row["latency_s"] = round(time.monotonic() - flight.admitted, 4)
         await self._emit(row)
 
     async def _emit(self, row: dict[str, Any]) -> None:

@@ -21,6 +21,7 @@ BASE_SCHEMA = pa.schema(
         pa.field("deliveries", pa.int32()),
         pa.field("prompt_tokens", pa.int64()),
         pa.field("completion_tokens", pa.int64()),
+        pa.field("latency_s", pa.float64()),  # first admission to result, over all deliveries
     ]
 )
 
