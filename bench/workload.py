@@ -13,7 +13,45 @@ from pathlib import Path
 
 from matrix_provider.llm.spec import SimSpec
 
-_WORDS = ["because", "the", "plan", "is", "sorted", "therefore", "the", "cost", "is", "low", "and", "if", "the", "table", "grows", "then", "we", "must", "reason", "why", "since", "each", "step", "implies", "a", "result", "hence", "the", "example", "shows", "how", "a", "reason", "leads", "to", "it", "thus"]
+_WORDS = [
+    "because",
+    "the",
+    "plan",
+    "is",
+    "sorted",
+    "therefore",
+    "the",
+    "cost",
+    "is",
+    "low",
+    "and",
+    "if",
+    "the",
+    "table",
+    "grows",
+    "then",
+    "we",
+    "must",
+    "reason",
+    "why",
+    "since",
+    "each",
+    "step",
+    "implies",
+    "a",
+    "result",
+    "hence",
+    "the",
+    "example",
+    "shows",
+    "how",
+    "a",
+    "reason",
+    "leads",
+    "to",
+    "it",
+    "thus",
+]
 
 
 def write_corpus(path: Path, rows: int, seed: int = 0) -> Path:
