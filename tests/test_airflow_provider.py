@@ -30,6 +30,20 @@ def conn_env(airflow_env, monkeypatch):
     return airflow_env
 
 
+def _slow_operator(task_id: str, tmp_path: Path, **kw) -> MatrixPipelineOperator:
+    """An operator whose job runs long enough (a slow simulator) to act on it while it runs."""
+    src = write_jsonl(tmp_path / "in" / "d.jsonl", 40)
+    return MatrixPipelineOperator(
+        task_id=task_id,
+        pipeline="natural_reasoning",
+        input_uri=str(src),
+        output_uri=str(tmp_path / "out"),
+        overrides=SLOW_SIM,
+        concurrency=4,
+        **kw,
+    )
+
+
 def _context(dag_id: str, task_id: str, run_id: str, map_index: int = -1):
     ti = SimpleNamespace(
         dag_id=dag_id, task_id=task_id, run_id=run_id, map_index=map_index, xcom_push=lambda **kw: None
@@ -115,15 +129,7 @@ def test_failing_job_error_text_reaches_the_task_log(airflow_env, tmp_path: Path
 
 
 def test_second_execution_attaches_instead_of_submitting(conn_env, tmp_path: Path) -> None:
-    src = write_jsonl(tmp_path / "in" / "d.jsonl", 40)
-    op = MatrixPipelineOperator(
-        task_id="reattach",
-        pipeline="natural_reasoning",
-        input_uri=str(src),
-        output_uri=str(tmp_path / "out"),
-        overrides=SLOW_SIM,
-        concurrency=4,
-    )
+    op = _slow_operator("reattach", tmp_path)
     hook = MatrixRayHook()
     run_id = f"manual__{time.time()}"
     context = _context("reattach_dag", "reattach", run_id)
@@ -137,17 +143,7 @@ def test_second_execution_attaches_instead_of_submitting(conn_env, tmp_path: Pat
 
 
 def test_kill_stops_the_ray_job(conn_env, tmp_path: Path) -> None:
-    src = write_jsonl(tmp_path / "in" / "d.jsonl", 40)
-    op = MatrixPipelineOperator(
-        task_id="killme",
-        pipeline="natural_reasoning",
-        input_uri=str(src),
-        output_uri=str(tmp_path / "out"),
-        overrides=SLOW_SIM,
-        concurrency=4,
-        deferrable=False,
-        poll_interval=0.5,
-    )
+    op = _slow_operator("killme", tmp_path, deferrable=False, poll_interval=0.5)
     hook = MatrixRayHook()
     context = _context("kill_dag", "killme", f"manual__{time.time()}")
     context["ti"].xcom_push = lambda **kw: None
@@ -173,15 +169,7 @@ def test_trigger_round_trip_and_kill(conn_env, tmp_path: Path) -> None:
     clone = getattr(__import__(module, fromlist=[name]), name)(**kwargs)
     assert clone.serialize() == (path, kwargs)
 
-    src = write_jsonl(tmp_path / "in" / "d.jsonl", 40)
-    op = MatrixPipelineOperator(
-        task_id="trig",
-        pipeline="natural_reasoning",
-        input_uri=str(src),
-        output_uri=str(tmp_path / "out"),
-        overrides=SLOW_SIM,
-        concurrency=4,
-    )
+    op = _slow_operator("trig", tmp_path)
     hook = MatrixRayHook()
     sid, _ = op.submit_or_attach(hook, _context("trig_dag", "trig", f"manual__{time.time()}"))
     asyncio.run(MatrixRayJobTrigger(sid, "matrix_ray_default").on_kill())

@@ -47,9 +47,10 @@ def services(airflow_env, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     logs = tmp_path_factory.mktemp("airflow-logs")
     commands = {
         "api-server": ["api-server", "--host", "127.0.0.1", "--port", str(port)],
-        "scheduler": ["scheduler"],
+        # --skip-serve-logs: Airflow's log servers bind every interface; tests bind 127.0.0.1 only.
+        "scheduler": ["scheduler", "--skip-serve-logs"],
         "dag-processor": ["dag-processor"],
-        "triggerer": ["triggerer"],
+        "triggerer": ["triggerer", "--skip-serve-logs"],
     }
     procs = {}
     for name, args in commands.items():
