@@ -16,6 +16,19 @@ PROGRESS_PREFIX = "[matrix] progress "
 MANIFEST_PREFIX = "[matrix] manifest "
 ERROR_PREFIX = "matrix: error: "
 PIPELINES_DIR = Path(__file__).resolve().parent / "pipelines"
+# Manifest figures the Airflow side shows (UI) and attaches to Asset events.
+MANIFEST_FIGURES = (
+    "rows_in",
+    "rows_ok",
+    "rows_filtered",
+    "rows_error",
+    "rows_resumed",
+    "prompt_tokens",
+    "completion_tokens",
+    "tokens_per_s",
+    "wall_seconds",
+    "config_hash",
+)
 
 
 def shipped_pipelines() -> list[str]:

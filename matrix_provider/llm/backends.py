@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from matrix_provider.llm.client import ClientConfig
+from matrix_provider.llm.client import ClientConfig, LLMError
 from matrix_provider.llm.spec import (
     AzureOpenAISpec,
     EmbeddedSpec,
@@ -119,12 +119,10 @@ def probe(config: ClientConfig, timeout_s: float = 30.0) -> None:
     A slow answer is not fatal here (rows have their own timeouts); a refused connection,
     a rejected key or a missing model is.
     """
-    headers = {}
-    if config.api_key_env:
-        key = os.environ.get(config.api_key_env)
-        if not key:
-            raise BackendError(f"API key missing: environment variable {config.api_key_env} is not set")
-        headers["Authorization"] = f"Bearer {key}"
+    try:
+        headers = config.auth_headers()
+    except LLMError as exc:
+        raise BackendError(str(exc)) from None
     body = {"model": config.model, "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1}
     for endpoint in config.endpoints:
         try:

@@ -42,6 +42,15 @@ class ClientConfig:
     sticky_buckets: int = 256
     api_key_env: str | None = None
 
+    def auth_headers(self) -> dict[str, str]:
+        """Bearer header from the key's environment variable (the key itself never travels in config)."""
+        if not self.api_key_env:
+            return {}
+        key = os.environ.get(self.api_key_env)
+        if not key:
+            raise LLMError(f"API key missing: environment variable {self.api_key_env} is not set")
+        return {"Authorization": f"Bearer {key}"}
+
 
 class LLMError(RuntimeError):
     """A request failed for good; `retryable` says whether the whole step may be tried again."""
@@ -87,12 +96,7 @@ class LLMClient:
         self.config = config
         self.stats = ClientStats()
         self._unhealthy_until: dict[str, float] = {}
-        headers = {}
-        if config.api_key_env:
-            key = os.environ.get(config.api_key_env)
-            if not key:
-                raise LLMError(f"environment variable {config.api_key_env} (the API key) is not set")
-            headers["Authorization"] = f"Bearer {key}"
+        headers = config.auth_headers()
         limits = httpx.Limits(max_connections=config.max_connections, max_keepalive_connections=config.max_connections)
         self._http = httpx.AsyncClient(
             headers=headers, limits=limits, timeout=httpx.Timeout(config.timeout_s, connect=10.0)

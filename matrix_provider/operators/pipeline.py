@@ -29,7 +29,7 @@ from matrix_provider.links.ray import (
     grafana_url,
     ray_job_url,
 )
-from matrix_provider.protocol import PROGRESS_PREFIX, error_text, parse_manifest, shipped_pipelines
+from matrix_provider.protocol import MANIFEST_FIGURES, PROGRESS_PREFIX, error_text, parse_manifest, shipped_pipelines
 from matrix_provider.triggers.ray_job import MatrixRayJobTrigger
 
 try:
@@ -37,17 +37,6 @@ try:
 except ImportError:  # pragma: no cover - older layouts
     from airflow.exceptions import AirflowException
 
-MANIFEST_COUNTS = (
-    "rows_in",
-    "rows_ok",
-    "rows_filtered",
-    "rows_error",
-    "rows_resumed",
-    "prompt_tokens",
-    "completion_tokens",
-    "wall_seconds",
-    "config_hash",
-)
 _MAX_RESUBMITS = 1000
 
 
@@ -230,7 +219,7 @@ class MatrixPipelineOperator(BaseOperator):
         manifest = parse_manifest(hook.get_logs(submission_id))
         if manifest is None:
             raise AirflowException(f"Ray job {submission_id} succeeded but printed no manifest line")
-        extra = {k: manifest.get(k) for k in MANIFEST_COUNTS} | {
+        extra = {k: manifest.get(k) for k in MANIFEST_FIGURES} | {
             "output": manifest.get("output"),
             "ray_submission_id": submission_id,
         }

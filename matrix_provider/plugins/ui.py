@@ -17,20 +17,9 @@ from fastapi.responses import HTMLResponse
 
 from matrix_provider.hooks.ray_jobs import MatrixRayHook, RayJobsError
 from matrix_provider.links.ray import GRAFANA_URL_KEY, RAY_JOB_URL_KEY
-from matrix_provider.protocol import parse_progress
+from matrix_provider.protocol import MANIFEST_FIGURES, parse_progress
 
 app = FastAPI(title="Matrix runs")
-_FIGURES = (
-    "rows_in",
-    "rows_ok",
-    "rows_filtered",
-    "rows_error",
-    "rows_resumed",
-    "prompt_tokens",
-    "completion_tokens",
-    "tokens_per_s",
-    "wall_seconds",
-)
 _STYLE = """body{font-family:system-ui,sans-serif;margin:16px;color:#1f2933}
 table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #cbd2d9;padding:4px 10px;text-align:right}
 th{background:#f0f4f8}td.l,th.l{text-align:left}.ok{color:#1b7f3b}.bad{color:#b42318}a{color:#1a56db}"""
@@ -81,7 +70,7 @@ def _run_view(dag_id: str, run_id: str, task_id: str, map_index: int, job_url: s
         "grafana": _value(GRAFANA_URL_KEY, dag_id, run_id, task_id, map_index),
     }
     if isinstance(manifest, dict):
-        view |= {"state": "SUCCEEDED", **{k: manifest.get(k) for k in _FIGURES}}
+        view |= {"state": "SUCCEEDED", **{k: manifest.get(k) for k in MANIFEST_FIGURES}}
     else:
         live = _live(job_url)
         view |= {
