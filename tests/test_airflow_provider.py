@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import threading
 import time
@@ -12,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from matrix_provider.hooks.ray_jobs import MatrixRayHook, RayJobsError
+from matrix_provider.hooks.ray_jobs import MatrixRayHook
 from matrix_provider.operators import MatrixPipelineOperator
 from matrix_provider.operators.pipeline import submission_id_for
 from matrix_provider.triggers.ray_job import MatrixRayJobTrigger
@@ -233,7 +232,3 @@ def _capture(errors: list[BaseException], fn, *args) -> None:
         fn(*args)
     except BaseException as exc:
         errors.append(exc)
-
-
-assert os  # keep import for monkeypatching helpers
-assert RayJobsError

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -53,7 +53,6 @@ class Counters:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     parts: int = 0
-    extra: dict[str, int] = field(default_factory=dict)
 
 
 def _take(iterator: Any, n: int) -> list[Record]:
