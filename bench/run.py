@@ -1,12 +1,20 @@
 """Peer-to-peer vs Ray Data batches vs a central controller, on one simulator, in one run.
 
-    python bench/run.py [--quick] [--out FILE]
+    python bench/run.py [--quick] [--out FILE] [--skip-embedded]
 
-The main comparison: the same rows, the same simulator replicas, the same total concurrency
-through each runner. Then a sweep of rows in flight (up to 10,000) for the peer-to-peer runtime.
-Prints a table, writes the figures as JSON (bench/results/<timestamp>.json and latest.json, or
---out) and a plot (bench/results/latest.png). Absolute numbers depend on the machine; the ratios
-between runners in one run are the result.
+Sections (the quick run does the first and one in-flight point):
+  compare      natural_reasoning- and coral-shaped workloads through all three runners: same rows,
+               same simulator, same concurrency; quality figures of p2p and central side by side
+  in_flight    p2p with 100 to 10,000 rows in flight (RSS reported)
+  partitions   p2p with 1 to 16 partition drivers at the same concurrency
+  offload      p2p on long coral histories, message offloading on and off
+  scaling      p2p over 1, 2 and 4 simulator replicas (capacity and load scaled together)
+  hop          extra latency per step of p2p over a plain function call (instant simulator)
+  embedded     quality parity of p2p and central on the real model (SmolLM2) and bundled corpus
+
+Prints a table, writes every figure as JSON (bench/results/<timestamp>.json and latest.json, or
+--out) and a plot (bench/results/latest.png, or next to --out). Only ratios within one run mean
+anything; absolute times on a shared 2-core machine are noise.
 """
 
 from __future__ import annotations
@@ -16,190 +24,325 @@ import json
 import statistics
 import sys
 import tempfile
-import threading
 import time
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import psutil
 import ray
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
-from bench import runners, workload
-from matrix_provider.llm.backends import client_config
-from matrix_provider.llm.sim_server import deploy_sim, sim_stats
-from matrix_provider.runtime.job import backend_app_suffix
-from matrix_provider.runtime.spec import compose
+from bench import runners, workload  # noqa: E402
+from bench.plot import plot  # noqa: E402
+from bench.sampling import Sampler  # noqa: E402
+from bench.workload import CORAL, NATURAL_REASONING, Workload  # noqa: E402
+from matrix_provider.llm.backends import client_config, deploy  # noqa: E402
+from matrix_provider.llm.sim_server import deploy_sim  # noqa: E402
+from matrix_provider.runtime.job import backend_app_suffix  # noqa: E402
+from matrix_provider.runtime.spec import compose  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-class RssSampler:
-    """Peak summed RSS of this process and every Ray process on the machine."""
-
-    def __init__(self) -> None:
-        self.peak_mb = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            total = 0
-            for proc in psutil.process_iter(["name", "cmdline", "memory_info"]):
-                cmd = " ".join(proc.info["cmdline"] or [])
-                if proc.pid == psutil.Process().pid or "ray" in (proc.info["name"] or "") or "ray" in cmd:
-                    total += proc.info["memory_info"].rss if proc.info["memory_info"] else 0
-            self.peak_mb = max(self.peak_mb, total / 1e6)
-            self._stop.wait(0.5)
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+RESULTS = ROOT / "bench" / "results"
+QUICK = {"rows": 1000, "concurrency": 256, "slots": 128, "decode": 0.02, "in_flight": [2000], "coral_rows": 0}
+FULL = {
+    "rows": 3000,
+    "concurrency": 512,
+    "slots": 128,
+    "decode": 0.02,
+    "in_flight": [100, 1000, 10000],
+    "coral_rows": 600,
+}
 
 
-def figures(
-    name: str,
-    rows: runners.Rows,
-    wall: float,
-    busy_before: float,
-    busy_after: float,
-    capacity_slots: int,
-    peak_mb: float,
-) -> dict[str, Any]:
-    latencies = sorted(lat for _, lat, _ in rows.values())
-    tokens = sum(t for _, _, t in rows.values())
-    statuses = [s for s, _, _ in rows.values()]
-    return {
-        "runner": name,
-        "rows": len(rows),
-        "wall_s": round(wall, 2),
-        "tokens_per_s": round(tokens / wall, 1),
-        "rows_per_s": round(len(rows) / wall, 1),
-        "backend_utilization": round((busy_after - busy_before) / (capacity_slots * wall), 3),
-        "p50_latency_s": round(statistics.median(latencies), 2) if latencies else None,
-        "p99_latency_s": round(latencies[int(0.99 * (len(latencies) - 1))], 2) if latencies else None,
-        "ok": statuses.count("ok"),
-        "filtered": statuses.count("filtered"),
-        "error": statuses.count("error"),
-        "peak_rss_mb": round(peak_mb, 1),
-    }
+class Bench:
+    """One simulator, one scratch directory, the figures collected so far."""
+
+    def __init__(self, size: dict[str, Any]):
+        self.size = size
+        self.work = Path(tempfile.mkdtemp(prefix="matrix-bench-"))
+        self.results: dict[str, Any] = {"rows": size["rows"], "concurrency": size["concurrency"], "runs": []}
+        self._corpora: dict[int, Path] = {}
+
+    def corpus(self, rows: int) -> Path:
+        if rows not in self._corpora:
+            self._corpora[rows] = workload.write_corpus(self.work / f"in-{rows}", rows)
+        return self._corpora[rows]
+
+    def backend(self, wl: Workload, replicas: int = 1, output_mean: int = 48) -> tuple[list[str], Any, str]:
+        """(overrides, client config, simulator name) for the workload on this run's simulator."""
+        sim = workload.sim_spec(self.size["slots"], self.size["decode"], replicas, output_mean)
+        overrides = workload.overrides(sim, wl)
+        spec = compose(wl.spec, overrides, {"input": "-", "output": "-"})
+        name = f"matrix-sim-{backend_app_suffix(spec)}"
+        return overrides, client_config(spec.llm, deploy_sim(spec.llm, name)), name
+
+    def measure(
+        self, label: str, sim: str, replicas: int, fn: Callable[[], tuple[runners.Rows, float]]
+    ) -> dict[str, Any]:
+        with Sampler(sim, replicas, self.size["slots"]) as sampler:
+            rows, wall = fn()
+        latencies = sorted(r[1] for r in rows.values())
+        tokens = sum(r[2] for r in rows.values())
+        statuses = Counter(r[0] for r in rows.values())
+        fig = {
+            "runner": label,
+            "rows": len(rows),
+            "wall_s": round(wall, 2),
+            "tokens_per_s": round(tokens / wall, 1),
+            "rows_per_s": round(len(rows) / wall, 1),
+            **sampler.utilization(),
+            "backend_capacity_tokens_per_s": (
+                self.size["slots"] * replicas / self.size["decode"] if self.size["decode"] else None
+            ),
+            "p50_latency_s": round(statistics.median(latencies), 2) if latencies else None,
+            "p99_latency_s": round(latencies[int(0.99 * (len(latencies) - 1))], 2) if latencies else None,
+            "ok": statuses["ok"],
+            "filtered": statuses["filtered"],
+            "error": statuses["error"],
+            "peak_rss_mb": round(sampler.peak_mb, 1),
+            "peak_rss_mb_by_kind": {k: round(v, 1) for k, v in sorted(sampler.peak_by_kind.items())},
+        }
+        print(
+            f"  {label:<26} {fig['tokens_per_s']:>9,.0f} tok/s  util {fig['backend_utilization']:.2f} "
+            f"(median s {fig['backend_utilization_median_s']:.2f}, startup {fig['startup_s']}s)  "
+            f"p50 {fig['p50_latency_s']}s  p99 {fig['p99_latency_s']}s  rss {fig['peak_rss_mb']:,.0f} MB",
+            flush=True,
+        )
+        self.results["runs"].append(fig)
+        fig["_rows"] = rows
+        return fig
+
+    # -- sections ----------------------------------------------------------------------------------
+    def compare(self, wl: Workload, rows_n: int, concurrency: int) -> dict[str, Any]:
+        overrides, config, sim = self.backend(wl)
+        corpus = self.corpus(rows_n)
+        warm = self.corpus(64)
+        print(f"{wl.name}: {rows_n} rows, {concurrency} in flight (warm-up: 64 rows through each runner first)")
+        one_each = tuple(f"roles.{r}.replicas=1" for r in set(wl.stages))
+        runs = {
+            "p2p": lambda c: runners.run_p2p(
+                wl, c, self.work / f"out-{wl.name}", overrides, 2, concurrency // 2, one_each
+            ),
+            "ray_data": lambda c: runners.run_ray_data(wl, c, config, overrides, concurrency),
+            "central": lambda c: runners.run_central(wl, c, config, overrides, concurrency),
+        }
+        figs = {}
+        for name, fn in runs.items():
+            fn(warm)
+            figs[name] = self.measure(f"{wl.name}/{name}", sim, 1, lambda fn=fn: fn(corpus))
+        return {
+            "p2p_over_ray_data": round(figs["p2p"]["tokens_per_s"] / figs["ray_data"]["tokens_per_s"], 2),
+            "p2p_over_central": round(figs["p2p"]["tokens_per_s"] / figs["central"]["tokens_per_s"], 2),
+            "quality": {name: quality(fig["_rows"]) for name, fig in figs.items()},
+            "figures": figs,
+        }
+
+    def in_flight(self, values: list[int]) -> int:
+        overrides, _, sim = self.backend(NATURAL_REASONING)
+        for n in values:
+            rows_n = max(n, self.size["rows"])
+            partitions = 4 if n >= 400 else 1
+            fig = self.measure(
+                f"in_flight/p2p@{n}",
+                sim,
+                1,
+                lambda n=n, r=rows_n, p=partitions: runners.run_p2p(
+                    NATURAL_REASONING, self.corpus(r), self.work / f"out-if-{n}", overrides, p, n // p
+                ),
+            )
+            fig["rows_in_flight"] = n
+        return max(values)
+
+    def partitions(self, values: list[int]) -> None:
+        overrides, _, sim = self.backend(NATURAL_REASONING)
+        concurrency = self.size["concurrency"]
+        for p in values:
+            fig = self.measure(
+                f"partitions/p2p@{p}",
+                sim,
+                1,
+                lambda p=p: runners.run_p2p(
+                    NATURAL_REASONING,
+                    self.corpus(self.size["rows"]),
+                    self.work / f"out-p-{p}",
+                    overrides,
+                    p,
+                    concurrency // p,
+                ),
+            )
+            fig["partitions"] = p
+
+    def offload(self, rows_n: int) -> None:
+        overrides, _, sim = self.backend(CORAL, output_mean=400)
+        for threshold in (16384, 0):
+            self.measure(
+                f"offload/coral-long@{'on' if threshold else 'off'}",
+                sim,
+                1,
+                lambda t=threshold: runners.run_p2p(
+                    CORAL,
+                    self.corpus(rows_n),
+                    self.work / f"out-off-{t}",
+                    overrides,
+                    4,
+                    64,
+                    (f"orchestrator.offload_bytes={t}",),
+                ),
+            )
+
+    def scaling(self, replicas: list[int]) -> None:
+        for n in replicas:
+            overrides, _, sim = self.backend(NATURAL_REASONING, replicas=n)
+            concurrency = self.size["concurrency"] * n // 2
+            fig = self.measure(
+                f"scaling/p2p@{n}-replicas",
+                sim,
+                n,
+                lambda n=n, c=concurrency, o=overrides: runners.run_p2p(
+                    NATURAL_REASONING,
+                    self.corpus(self.size["rows"] * n // 2),
+                    self.work / f"out-s-{n}",
+                    [*o, *(f"roles.{r}.replicas={min(2 * n, 4)}" for r in NATURAL_REASONING.stages)],
+                    4,
+                    c // 4,
+                ),
+            )
+            fig["sim_replicas"] = n
+
+    def hop(self, rows_n: int) -> dict[str, Any]:
+        """Instant simulator, one row at a time: what p2p adds to each step over a function call."""
+        self.size = {**self.size, "decode": 0.0}
+        try:
+            overrides, config, sim = self.backend(NATURAL_REASONING)
+            corpus = self.corpus(rows_n)
+            p2p = self.measure(
+                "hop/p2p",
+                sim,
+                1,
+                lambda: runners.run_p2p(NATURAL_REASONING, corpus, self.work / "out-hop", overrides, 1, 1),
+            )
+            central = self.measure(
+                "hop/central", sim, 1, lambda: runners.run_central(NATURAL_REASONING, corpus, config, overrides, 1)
+            )
+        finally:
+            self.size = {**self.size, "decode": FULL["decode"]}
+        steps = statistics.mean(steps_of(r) for r in p2p["_rows"].values())
+        mean = {
+            name: statistics.mean(r[1] for r in fig["_rows"].values())
+            for name, fig in (("p2p", p2p), ("central", central))
+        }
+        return {
+            "steps_per_row": round(steps, 2),
+            "p2p_row_latency_ms": round(1000 * mean["p2p"], 2),
+            "central_row_latency_ms": round(1000 * mean["central"], 2),
+            "p2p_overhead_per_step_ms": round(1000 * (mean["p2p"] - mean["central"]) / steps, 2),
+        }
+
+    def embedded(self, docs: int) -> dict[str, Any]:
+        """p2p and central on SmolLM2 (temperature 0) over the first `docs` bundled documents."""
+        from matrix_provider.runtime.sources import list_inputs, read_split
+
+        spec = compose("natural_reasoning", [], {"input": "-", "output": "-"})
+        fs, files = list_inputs(str(ROOT / "matrix_provider" / "data" / "corpus"), spec.io)
+        rows = [r.row for f in files for r in read_split(fs, f, spec.io) if r.row is not None]
+        corpus = self.work / "in-embedded"
+        corpus.mkdir(exist_ok=True)
+        (corpus / "docs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:docs]))
+        config = deploy(spec.llm)
+        results = {}
+        for name, fn in (
+            ("p2p", lambda: runners.run_p2p(NATURAL_REASONING, corpus, self.work / "out-emb", [], 2, 8)),
+            ("central", lambda: runners.run_central(NATURAL_REASONING, corpus, config, [], 16)),
+        ):
+            started = time.monotonic()
+            rows_out, wall = fn()
+            results[name] = {**quality(rows_out), "wall_s": round(wall, 1)}
+            print(f"  embedded/{name:<17} {results[name]}  ({time.monotonic() - started:.0f}s)", flush=True)
+        return results
 
 
-def pass_rates(rows: runners.Rows) -> dict[str, float]:
+def steps_of(result: runners.Result) -> int:
+    """LLM steps a natural_reasoning row took (filter, +score, +question), from how it ended."""
+    status, _, _, extra = result
+    if status == "ok":
+        return 3
+    return 2 if extra.get("quality_score") is not None else 1
+
+
+def quality(rows: runners.Rows) -> dict[str, Any]:
+    """Per-stage outcome shares: how rows ended, and why the filtered ones stopped."""
     n = len(rows) or 1
-    return {"ok_share": round(sum(s == "ok" for s, _, _ in rows.values()) / n, 4)}
-
-
-def busy(name: str, replicas: int) -> float:
-    return sum(s["busy_slot_s"] for s in sim_stats(name, replicas))
+    ends: Counter[str] = Counter()
+    for status, _, _, extra in rows.values():
+        reason = extra.get("reason") or ""
+        if status == "filtered":
+            stage = reason.split(":")[0].split(" (")[0]
+            ends[f"filtered:{stage}"] += 1
+        else:
+            ends[status] += 1
+    out: dict[str, Any] = {k: round(v / n, 4) for k, v in sorted(ends.items())}
+    rounds = [extra["rounds"] for _, _, _, extra in rows.values() if extra.get("rounds") is not None]
+    if rounds:
+        out["mean_rounds"] = round(statistics.mean(rounds), 3)
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a smaller run, under 5 minutes")
-    parser.add_argument("--out", type=Path, help="write the figures here (default bench/results/…)")
+    parser.add_argument("--quick", action="store_true", help="the main comparison only, smaller: under 5 minutes")
+    parser.add_argument("--out", type=Path, help="write the figures here (default bench/results/<timestamp>.json)")
+    parser.add_argument("--skip-embedded", action="store_true", help="leave out the real-model quality run")
     args = parser.parse_args()
-    rows_n, concurrency, slots, decode = (1500, 256, 128, 0.02) if args.quick else (6000, 1024, 512, 0.05)
-    sweep = [256, 2048, 10000] if args.quick else [100, 1000, 4000, 10000]
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)
-    work = Path(tempfile.mkdtemp(prefix="matrix-bench-"))
-    corpus = workload.write_corpus(work / "in" / "docs.jsonl", rows_n)
-    sim = workload.sim_spec(slots, decode)
-    overrides = workload.overrides(sim)
-    spec = compose("natural_reasoning", overrides, {"input": "-", "output": "-"})
-    name = f"matrix-sim-{backend_app_suffix(spec)}"
-    config = client_config(spec.llm, deploy_sim(spec.llm, name))
-    capacity = slots / decode
-    results: dict[str, Any] = {
-        "rows": rows_n,
-        "concurrency": concurrency,
-        "backend_capacity_tokens_per_s": capacity,
-        "runs": [],
-    }
-
-    def measure(label: str, fn: Any) -> tuple[dict[str, Any], runners.Rows]:
-        before = busy(name, sim.replicas)
-        with RssSampler() as rss:
-            rows, wall = fn()
-        fig = figures(label, rows, wall, before, busy(name, sim.replicas), slots * sim.replicas, rss.peak_mb)
-        print(
-            f"  {label:<12} {fig['tokens_per_s']:>10,.0f} tok/s  util {fig['backend_utilization']:.2f}  "
-            f"p50 {fig['p50_latency_s']}s  p99 {fig['p99_latency_s']}s  rss {fig['peak_rss_mb']:,.0f} MB",
-            flush=True,
-        )
-        results["runs"].append(fig)
-        return fig, rows
-
-    print(f"workload: {rows_n} rows, {concurrency} in flight, simulator capacity {capacity:,.0f} completion tok/s")
-    p2p, p2p_rows = measure("p2p", lambda: runners.run_p2p(corpus, work / "out-p2p", overrides, 4, concurrency // 4))
-    data, _ = measure("ray_data", lambda: runners.run_ray_data(corpus, config, overrides, concurrency))
-    central, central_rows = measure("central", lambda: runners.run_central(corpus, config, overrides, concurrency))
-    max_in_flight = 0
-    for in_flight in sweep:
-        partitions = 4 if in_flight >= 1000 else 1
-        fig, _ = measure(
-            f"p2p@{in_flight}",
-            lambda f=in_flight, p=partitions: runners.run_p2p(
-                corpus if f <= rows_n else workload.write_corpus(work / "in-big" / "docs.jsonl", f),
-                work / f"out-{f}",
-                overrides,
-                p,
-                f // p,
-            ),
-        )
-        fig["rows_in_flight"] = in_flight
-        max_in_flight = max(max_in_flight, in_flight)
-    results.update(
+    size = QUICK if args.quick else FULL
+    ray.init(
+        address="local",
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
+    )
+    bench = Bench(size)
+    res = bench.results
+    started = time.monotonic()
+    main_cmp = bench.compare(NATURAL_REASONING, size["rows"], size["concurrency"])
+    figs = main_cmp.pop("figures")
+    res["natural_reasoning"] = main_cmp
+    if size["coral_rows"]:
+        res["coral"] = bench.compare(CORAL, size["coral_rows"], size["concurrency"])
+        res["coral"].pop("figures")
+    res["max_rows_in_flight"] = bench.in_flight(size["in_flight"])
+    if not args.quick:
+        bench.partitions([1, 2, 4, 8, 16])
+        bench.offload(300)
+        bench.scaling([1, 2, 4])
+        res["hop"] = bench.hop(150)
+        print(f"  hop: {res['hop']}")
+        if not args.skip_embedded:
+            res["embedded_quality"] = bench.embedded(60)
+    res.update(
         {
-            "p2p_tokens_per_s": p2p["tokens_per_s"],
-            "ray_data_tokens_per_s": data["tokens_per_s"],
-            "central_tokens_per_s": central["tokens_per_s"],
-            "backend_utilization": p2p["backend_utilization"],
-            "max_rows_in_flight": max_in_flight,
-            "peak_rss_mb": max(r["peak_rss_mb"] for r in results["runs"]),
-            "p2p_over_ray_data": round(p2p["tokens_per_s"] / data["tokens_per_s"], 2),
-            "p2p_over_central": round(p2p["tokens_per_s"] / central["tokens_per_s"], 2),
-            "quality": {"p2p": pass_rates(p2p_rows), "central": pass_rates(central_rows)},
+            "p2p_tokens_per_s": figs["p2p"]["tokens_per_s"],
+            "ray_data_tokens_per_s": figs["ray_data"]["tokens_per_s"],
+            "central_tokens_per_s": figs["central"]["tokens_per_s"],
+            "backend_utilization": figs["p2p"]["backend_utilization"],
+            "backend_utilization_median_s": figs["p2p"]["backend_utilization_median_s"],
+            "backend_capacity_tokens_per_s": figs["p2p"]["backend_capacity_tokens_per_s"],
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in res["runs"]),
+            "bench_minutes": round((time.monotonic() - started) / 60, 1),
         }
     )
+    for run in res["runs"]:
+        run.pop("_rows", None)
     RESULTS.mkdir(exist_ok=True)
     out = args.out or RESULTS / f"{time.strftime('%Y%m%dT%H%M%S')}.json"
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    text = json.dumps(res, indent=2) + "\n"
+    out.write_text(text)
     if args.out is None:
-        (RESULTS / "latest.json").write_text(json.dumps(results, indent=2) + "\n")
-    plot(results, RESULTS / "latest.png")
-    print(json.dumps({k: v for k, v in results.items() if k != "runs"}, indent=2))
+        (RESULTS / "latest.json").write_text(text)
+    plot(res, out.with_suffix(".png") if args.out else RESULTS / "latest.png")
+    print(json.dumps({k: v for k, v in res.items() if k != "runs"}, indent=2))
     ray.shutdown()
-
-
-def plot(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    main_runs = [r for r in results["runs"] if "@" not in r["runner"]]
-    sweep = [r for r in results["runs"] if "@" in r["runner"]]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    a.bar(
-        [r["runner"] for r in main_runs],
-        [r["tokens_per_s"] for r in main_runs],
-        color=["#1a56db", "#9aa5b1", "#9aa5b1"],
-    )
-    a.set_ylabel("tokens/s")
-    a.set_title(f"{results['rows']} rows, {results['concurrency']} in flight, same simulator")
-    b.plot([r["rows_in_flight"] for r in sweep], [r["tokens_per_s"] for r in sweep], marker="o")
-    b.set_xscale("log")
-    b.set_xlabel("rows in flight (p2p)")
-    b.set_ylabel("tokens/s")
-    b.set_title("peer-to-peer: concurrency sweep")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
 
 
 if __name__ == "__main__":

@@ -1,44 +1,63 @@
 """The three runners over one backend: peer-to-peer (ours), Ray Data batches, a central controller.
 
-Each returns per-row results {id: (status, latency_s, tokens)} and its wall time.
+Each takes a workload, its corpus and the same simulator, and returns per-row results
+{id: (status, latency_s, tokens, extra)} and its wall time; `extra` holds the pipeline's own
+output columns, for the quality comparison.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import pickle
 import time
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
 
+from bench.workload import Workload
 from matrix_provider.llm.client import ClientConfig, LLMClient
 from matrix_provider.runtime import job
-from matrix_provider.runtime.pipeline import load_pipeline
-from matrix_provider.runtime.roles import RowError
-from matrix_provider.runtime.spec import compose
+from matrix_provider.runtime.orchestrator import Orchestrator
+from matrix_provider.runtime.pipeline import Pipeline, load_pipeline, output_row
+from matrix_provider.runtime.spec import PipelineSpec, compose
 
-PIPELINE = load_pipeline("natural_reasoning")
-Rows = dict[str, tuple[str, float, int]]
+Result = tuple[str, float, int, dict[str, Any]]
+Rows = dict[str, Result]
+
+
+def _spec(workload: Workload, sim_overrides: list[str], run: dict[str, Any] | None = None) -> PipelineSpec:
+    return compose(workload.spec, sim_overrides, run or {"input": "-", "output": "-"})
 
 
 def _load(corpus: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in corpus.read_text().splitlines()]
+    return [json.loads(line) for path in sorted(corpus.glob("*.jsonl")) for line in path.read_text().splitlines()]
 
 
-def run_p2p(corpus: Path, out: Path, sim_overrides: list[str], partitions: int, concurrency: int) -> tuple[Rows, float]:
-    spec = compose(
-        "natural_reasoning",
+def _result(pipeline: Pipeline, row: dict[str, Any], latency: float) -> Result:
+    extra = {k: row.get(k) for k in pipeline.columns.names} | {"reason": row.get("error")}
+    return row["status"], latency, (row["prompt_tokens"] or 0) + (row["completion_tokens"] or 0), extra
+
+
+def run_p2p(
+    workload: Workload,
+    corpus: Path,
+    out: Path,
+    sim_overrides: list[str],
+    partitions: int,
+    concurrency: int,
+    more: tuple[str, ...] = (),
+) -> tuple[Rows, float]:
+    """Our runtime, in this process: `partitions` drivers with `concurrency` rows in flight each."""
+    roles = _spec(workload, sim_overrides).roles
+    spec = _spec(
+        workload,
         [
             *sim_overrides,
-            "roles.filter.replicas=2",
-            "roles.score.replicas=2",
-            "roles.question.replicas=2",
-            "roles.filter.max_concurrency=4096",
-            "roles.score.max_concurrency=4096",
-            "roles.question.max_concurrency=4096",
+            *(f"roles.{r}.max_concurrency=4096" for r in roles),
             "io.part_rows=5000",
+            *more,
         ],
         {
             "input": str(corpus),
@@ -48,47 +67,50 @@ def run_p2p(corpus: Path, out: Path, sim_overrides: list[str], partitions: int, 
             "overwrite": True,
         },
     )
+    pipeline = load_pipeline(spec.pipeline)
     started = time.monotonic()
     job.run(spec, quiet=True)
     wall = time.monotonic() - started
-    table = pq.read_table(out, columns=["id", "status", "latency_s", "prompt_tokens", "completion_tokens"])
-    rows = {
-        r["id"]: (r["status"], r["latency_s"] or 0.0, r["prompt_tokens"] + r["completion_tokens"])
-        for r in table.to_pylist()
-    }
+    rows = {r["id"]: _result(pipeline, r, r["latency_s"] or 0.0) for r in pq.read_table(out).to_pylist()}
     return rows, wall
 
 
-async def _drive_row(row: dict[str, Any], roles: dict[str, Any], started: float) -> tuple[str, float, int]:
-    msg = PIPELINE.orchestrator(id=row["id"], partition=0, delivery=1, deadline=0.0, row=row)
-    role = msg.route(None)
-    while role is not None:
-        try:
-            await roles[role].run(msg)
-        except (RowError, Exception) as exc:  # same outcome as the runtime: an error row
-            msg.finish("error", str(exc))
-            break
-        role = msg.route(role)
-    return msg.status or "error", time.monotonic() - started, sum(msg.usage.values())
+def _roles(pipeline: Pipeline, spec: PipelineSpec, client: LLMClient) -> dict[str, Any]:
+    return {name: cls(name, spec.roles[name], spec.params, client) for name, cls in pipeline.roles.items()}
 
 
-def _roles(client: LLMClient, spec: Any) -> dict[str, Any]:
-    return {name: cls(name, spec.roles[name], spec.params, client) for name, cls in PIPELINE.roles.items()}
+async def _step(role: Any, msg: Orchestrator) -> str | None:
+    """One role on one message, as the runtime's agents do it; returns the next role."""
+    try:
+        await role.run(msg)
+    except Exception as exc:  # the same outcome as the runtime: an error row
+        msg.finish("error", f"{role.name}: {exc}")
+        return None
+    return None if msg.done else msg.route(role.name)
 
 
-def run_central(corpus: Path, config: ClientConfig, sim_overrides: list[str], concurrency: int) -> tuple[Rows, float]:
-    """One asyncio process drives every row through every step, a semaphore bounding rows in flight."""
-    spec = compose("natural_reasoning", sim_overrides, {"input": "-", "output": "-"})
+def run_central(
+    workload: Workload, corpus: Path, config: ClientConfig, sim_overrides: list[str], concurrency: int
+) -> tuple[Rows, float]:
+    """One asyncio process drives every row through every step, a semaphore bounding rows in flight
+    (the way Coral's and Tau2's reference drivers are written)."""
+    spec = _spec(workload, sim_overrides)
+    pipeline = load_pipeline(spec.pipeline)
     rows = _load(corpus)
 
     async def main() -> Rows:
         client = LLMClient(config)
-        roles = _roles(client, spec)
+        roles = _roles(pipeline, spec, client)
         gate = asyncio.Semaphore(concurrency)
 
-        async def one(row: dict[str, Any]) -> tuple[str, tuple[str, float, int]]:
+        async def one(row: dict[str, Any]) -> tuple[str, Result]:
             async with gate:
-                return row["id"], await _drive_row(row, roles, time.monotonic())
+                started = time.monotonic()
+                msg = pipeline.orchestrator(id=row["id"], partition=0, delivery=1, deadline=0.0, row=row)
+                role = msg.route(None)
+                while role is not None:
+                    role = await _step(roles[role], msg)
+                return row["id"], _result(pipeline, output_row(pipeline, msg), time.monotonic() - started)
 
         results = dict(await asyncio.gather(*(one(r) for r in rows)))
         await client.aclose()
@@ -99,79 +121,71 @@ def run_central(corpus: Path, config: ClientConfig, sim_overrides: list[str], co
     return results, time.monotonic() - started
 
 
-class _StepUDF:
-    """One pipeline step as a Ray Data batch UDF: all rows of a batch run concurrently, the batch
-    returns when its slowest row is done (the batch barrier)."""
+class _StageUDF:
+    """One unrolled stage as an async Ray Data UDF: the rows of a batch whose next role is this
+    stage's run concurrently, the others pass through, and the batch leaves when its slowest row
+    is done (the batch barrier)."""
 
-    def __init__(self, role: str, config: ClientConfig, sim_overrides: list[str]):
-        self.role_name = role
-        self.config = config
-        self.spec = compose("natural_reasoning", sim_overrides, {"input": "-", "output": "-"})
-        self.loop = asyncio.new_event_loop()
+    def __init__(self, role: str, workload: Workload, config: ClientConfig, sim_overrides: list[str]):
+        spec = _spec(workload, sim_overrides)
+        self.pipeline = load_pipeline(spec.pipeline)
+        self.role = self.pipeline.roles[role](role, spec.roles[role], spec.params, LLMClient(config))
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        return self.loop.run_until_complete(self._run(batch))
+    async def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        async def one(blob: bytes) -> bytes:
+            msg = pickle.loads(blob)
+            if msg.next_role == self.role.name:
+                msg.next_role = await _step(self.role, msg)
+                if msg.next_role is None:
+                    msg.__dict__["t_done"] = time.time()
+            return pickle.dumps(msg)
 
-    async def _run(self, batch: dict[str, Any]) -> dict[str, Any]:
-        client = LLMClient(self.config)
-        role = PIPELINE.roles[self.role_name](self.role_name, self.spec.roles[self.role_name], self.spec.params, client)
-        states = [json.loads(s) for s in batch["state"]]
-
-        async def step(state: dict[str, Any]) -> dict[str, Any]:
-            if state.get("next", "filter") != self.role_name:
-                return state  # finished earlier: passes through
-            msg = PIPELINE.orchestrator(
-                id=state["id"], partition=0, delivery=1, deadline=0.0, row=state["row"], results=state["results"]
-            )
-            msg.usage = state["usage"]
-            try:
-                await role.run(msg)
-                nxt = msg.route(self.role_name)
-            except Exception as exc:  # an error row, as in the other runners
-                msg.finish("error", str(exc))
-                nxt = None
-            return {
-                **state,
-                "results": msg.results,
-                "usage": msg.usage,
-                "next": nxt or "",
-                "status": msg.status or "",
-                "t_done": time.time(),
-            }
-
-        out = await asyncio.gather(*(step(s) for s in states))
-        await client.aclose()
-        return {"state": [json.dumps(s) for s in out]}
+        return {"msg": list(await asyncio.gather(*(one(b) for b in batch["msg"]))), "t0": batch["t0"]}
 
 
 def run_ray_data(
-    corpus: Path, config: ClientConfig, sim_overrides: list[str], concurrency: int, batch_size: int = 64
+    workload: Workload,
+    corpus: Path,
+    config: ClientConfig,
+    sim_overrides: list[str],
+    concurrency: int,
+    batch_size: int = 16,
 ) -> tuple[Rows, float]:
-    """Each step a map_batches over the dataset (an actor pool of `concurrency / batch_size` actors).
-
-    Ray Data streams batches from step to step, so the only barrier is the batch: a batch moves
-    on when its slowest row is done. That is the fair, well-tuned shape of a batch pipeline.
+    """Each stage a `map_batches` over the dataset, as batch pipelines are written, tuned well:
+    async UDFs with a persistent HTTP client on one actor per stage, streaming execution (no
+    stage-wide barrier, only the batch's), and the `concurrency` rows in flight shared among the
+    stages by the share of rows each works on (at least one batch each), as one would size them
+    after a pilot run. A multi-turn workload is unrolled into its maximum number of stages; rows
+    that finished early pass through the rest.
     """
     import ray.data
 
+    spec = _spec(workload, sim_overrides)
+    pipeline = load_pipeline(spec.pipeline)
     started = time.monotonic()
     t0 = time.time()
-    usage = {"prompt_tokens": 0, "completion_tokens": 0}
-    items = [
-        {"state": json.dumps({"id": r["id"], "row": r, "results": {}, "usage": usage, "t0": t0, "next": "filter"})}
-        for r in _load(corpus)
-    ]
-    actors = max(1, concurrency // batch_size)
-    ds = ray.data.from_items(items)
-    for role in ("filter", "score", "question"):
+    items = []
+    for row in _load(corpus):
+        msg = pipeline.orchestrator(id=row["id"], partition=0, delivery=1, deadline=0.0, row=row)
+        msg.next_role = msg.route(None)
+        items.append({"msg": pickle.dumps(msg), "t0": t0})
+    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items) // batch_size))
+    batches = concurrency / batch_size / sum(workload.traffic)
+    for role, traffic in zip(workload.stages, workload.traffic, strict=True):
+        per_actor = max(1, round(batches * traffic))
         ds = ds.map_batches(
-            _StepUDF,
-            fn_constructor_args=(role, config, sim_overrides),
+            _StageUDF,
+            fn_constructor_args=(role, workload, config, sim_overrides),
             batch_size=batch_size,
-            concurrency=actors,
+            compute=ray.data.ActorPoolStrategy(size=1, max_concurrent_calls_per_actor=per_actor),
             num_cpus=0,
         )
-    finished = [json.loads(r["state"]) for r in ds.take_all()]
+    finished = [pickle.loads(r["msg"]) for r in ds.take_all()]
     wall = time.monotonic() - started
-    rows = {s["id"]: (s["status"], s["t_done"] - s["t0"], sum(s["usage"].values())) for s in finished}
+    rows = {}
+    for msg in finished:
+        if not msg.done:
+            msg.finish("error", f"still routed to {msg.next_role!r} after the last unrolled stage")
+        latency = msg.__dict__.get("t_done", time.time()) - t0
+        rows[msg.id] = _result(pipeline, output_row(pipeline, msg), latency)
     return rows, wall

@@ -1,18 +1,24 @@
-"""The benchmark workload: N documents through a natural_reasoning-shaped pipeline on the simulator.
+"""The benchmark workloads and the simulator they run on.
 
-Every document passes the cheap checks, so each row makes 1 to 3 LLM calls (filter, then score and
-question for the survivors) with heavy-tailed (lognormal) output lengths. All three runners run
-the same roles and routing code on the same rows and simulator replicas, so they do the same work.
+- `natural_reasoning`: every document passes the cheap checks, so each row makes 1 to 3 LLM calls
+  (filter, then score and question for the survivors, ~23 %), the shipped pipeline's own roles.
+- `coral`: `bench/coral_shaped.py`, a proposer and a critic talking for 1 to 8 rounds (2 to 16
+  calls) with a growing history.
+
+Output lengths are lognormal (heavy-tailed). All runners run the same roles and routing on the
+same rows and simulator replicas, so they do the same work.
 """
 
 from __future__ import annotations
 
 import json
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 from matrix_provider.llm.spec import SimSpec
 
+BENCH = Path(__file__).resolve().parent
 _WORDS = [
     "because",
     "the",
@@ -54,34 +60,62 @@ _WORDS = [
 ]
 
 
-def write_corpus(path: Path, rows: int, seed: int = 0) -> Path:
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    spec: str  # a shipped pipeline name or a YAML path
+    stages: tuple[str, ...]  # the roles in order, unrolled, for the batch baseline
+    traffic: tuple[float, ...]  # the share of rows each stage works on (the simulator's rates)
+    extra: tuple[str, ...] = ()  # overrides on top of the simulator's
+
+
+NATURAL_REASONING = Workload(
+    "natural_reasoning",
+    "natural_reasoning",
+    ("filter", "score", "question"),
+    (1.0, 0.5, 0.25),  # the classifier keeps half; a 0-5 score is >= 3 for half of those
+    ("roles.question.max_tokens=512", "roles.filter.max_tokens=512", "roles.score.max_tokens=512"),
+)
+CORAL = Workload(
+    "coral",
+    str(BENCH / "coral_shaped.yaml"),
+    ("proposer", "critic") * 8,
+    tuple(0.7**r for r in range(8) for _ in range(2)),  # the critic agrees with p = 0.3 per round
+)
+
+
+def write_corpus(directory: Path, rows: int, files: int = 16, seed: int = 0) -> Path:
+    """`rows` documents over `files` JSONL shards (a snapshot is many files, as in DCLM)."""
     rng = random.Random(seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as out:
-        for i in range(rows):
-            text = f"Document {i}. " + " ".join(rng.choice(_WORDS) for _ in range(rng.randint(160, 400)))
-            out.write(json.dumps({"id": f"doc-{i}", "text": text}) + "\n")
-    return path
+    directory.mkdir(parents=True, exist_ok=True)
+    outs = [(directory / f"shard-{i:03d}.jsonl").open("w") for i in range(files)]
+    for i in range(rows):
+        text = f"Document {i}. " + " ".join(rng.choice(_WORDS) for _ in range(rng.randint(160, 400)))
+        outs[i % files].write(json.dumps({"id": f"doc-{i}", "text": text}) + "\n")
+    for out in outs:
+        out.close()
+    return directory
 
 
-def sim_spec(slots: int, decode_s: float, replicas: int = 1, seed: int = 0) -> SimSpec:
+def sim_spec(slots: int, decode_s: float, replicas: int = 1, output_mean: int = 48, seed: int = 0) -> SimSpec:
     return SimSpec(
         backend="sim",
         slots=slots,
         replicas=replicas,
         decode_s_per_token=decode_s,
         prefill_s_per_token=0.0,
-        output_tokens_mean=48,
+        output_tokens_mean=output_mean,
         output_tokens_sigma=1.0,
         output_tokens_max=1024,
+        n_ctx=1 << 20,
         seed=seed,
         timeout_s=600,
         retries=2,
     )
 
 
-def overrides(spec: SimSpec) -> list[str]:
-    """The same simulator as `spec`, as `matrix run` overrides (so runner 1 reuses its replicas)."""
+def overrides(spec: SimSpec, workload: Workload) -> list[str]:
+    """The simulator `spec` and the workload's settings as `matrix run` overrides."""
     keys = (
         "slots",
         "replicas",
@@ -90,14 +124,9 @@ def overrides(spec: SimSpec) -> list[str]:
         "output_tokens_mean",
         "output_tokens_sigma",
         "output_tokens_max",
+        "n_ctx",
         "seed",
         "timeout_s",
         "retries",
     )
-    return [
-        "llm=sim",
-        *(f"llm.{k}={getattr(spec, k)}" for k in keys),
-        "roles.question.max_tokens=512",
-        "roles.filter.max_tokens=512",
-        "roles.score.max_tokens=512",
-    ]
+    return ["llm=sim", *(f"llm.{k}={getattr(spec, k)}" for k in keys), *workload.extra]

@@ -281,3 +281,16 @@ def test_rows_without_ids_get_stable_position_ids(ray_cluster, tmp_path: Path, c
     sep = ":" if compress else "@"
     assert all(i.startswith(f"{name}{sep}") for i in ids), ids
     assert len(set(ids)) == 8
+
+
+def test_one_small_file_still_feeds_every_partition(tmp_path: Path) -> None:
+    from matrix_provider.runtime.sources import list_inputs, plan, read_split
+    from matrix_provider.runtime.spec import IOSpec
+
+    src = write_jsonl(tmp_path / "one.jsonl", 1200)
+    assert src.stat().st_size < IOSpec().split_bytes
+    fs, files = list_inputs(str(src), IOSpec())
+    shards = plan(fs, files, IOSpec(), 4)
+    counts = [sum(1 for split in shard for _ in read_split(fs, split, IOSpec())) for shard in shards]
+    assert all(counts), counts
+    assert sum(counts) == 1200

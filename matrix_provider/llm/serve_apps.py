@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import glob
+import json
 import os
 import socket
 import subprocess
@@ -17,6 +18,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import aiohttp
 import httpx
 from ray import serve
 from starlette.requests import Request
@@ -119,7 +121,8 @@ class _Forwarder(_OpenAISurface):
 
     def _init_forwarder(self, timeout_s: float) -> None:
         self._init_surface()
-        self.http = httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=10.0))
+        self.timeout = aiohttp.ClientTimeout(total=timeout_s, connect=10.0)
+        self.http: aiohttp.ClientSession | None = None
 
     def upstream_request(self, path: str) -> tuple[str, dict[str, str], dict[str, str]]:
         """(url, headers, query) for a request to `path`."""
@@ -130,14 +133,20 @@ class _Forwarder(_OpenAISurface):
 
     async def forward(self, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         url, headers, query = self.upstream_request(path)
+        if self.http is None:  # aiohttp binds a session to the running loop, so make it here
+            self.http = aiohttp.ClientSession(timeout=self.timeout, connector=aiohttp.TCPConnector(limit=0))
         try:
-            resp = await self.http.post(url, json=body, headers=headers, params=query)
-        except httpx.HTTPError as exc:
+            async with self.http.post(url, json=body, headers=headers, params=query) as resp:
+                status, text = resp.status, await resp.text()
+        except (TimeoutError, aiohttp.ClientError) as exc:
             host = url.split("/")[2]
             return 502, {"error": {"message": f"upstream {host} unreachable: {type(exc).__name__}"}}
-        if resp.status_code != 200:
-            return resp.status_code, {"error": {"message": self.scrub(resp.text[:500])}}
-        return 200, resp.json()
+        if status != 200:
+            return status, {"error": {"message": self.scrub(text[:500])}}
+        try:
+            return 200, json.loads(text)
+        except ValueError:
+            return 502, {"error": {"message": f"upstream answer is not JSON: {self.scrub(text[:200])}"}}
 
 
 @serve.deployment(max_ongoing_requests=4096)

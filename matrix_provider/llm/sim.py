@@ -60,6 +60,7 @@ class SimEngine:
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.in_flight = 0
+        self._running: dict[int, tuple[float, float]] = {}  # request -> (got its slot at, modelled busy s)
 
     @property
     def capacity_tokens_per_s(self) -> float:
@@ -69,11 +70,13 @@ class SimEngine:
         return self.spec.slots / self.spec.decode_s_per_token
 
     def stats(self) -> dict[str, float]:
+        """Figures so far; busy slot-time counts the modelled work done, also of running requests."""
+        now = time.monotonic()
         return {
             "capacity_tokens_per_s": self.capacity_tokens_per_s,
             "slots": self.spec.slots,
-            "busy_slot_s": self.busy_slot_s,
-            "uptime_s": time.monotonic() - self.started,
+            "busy_slot_s": self.busy_slot_s + sum(min(now - t, busy) for t, busy in self._running.values()),
+            "uptime_s": now - self.started,
             "requests": self.requests,
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
@@ -115,8 +118,13 @@ class SimEngine:
         try:
             async with self._slots:
                 busy = s.prefill_s_per_token * prompt_tokens + s.decode_s_per_token * out_tokens
-                await asyncio.sleep(busy)
-                self.busy_slot_s += busy
+                key = id(message)
+                self._running[key] = (time.monotonic(), busy)
+                try:
+                    await asyncio.sleep(busy)
+                    self.busy_slot_s += busy
+                finally:
+                    del self._running[key]
         finally:
             self.in_flight -= 1
         self.prompt_tokens += prompt_tokens

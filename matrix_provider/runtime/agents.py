@@ -2,8 +2,9 @@
 
 An agent takes a message from its bounded queue, runs its role (with a per-step timeout and
 retries with backoff), asks the orchestrator who acts next and enqueues the message directly on a
-replica of that role; a finished row goes to its partition driver's sink. A full queue makes the
-sender wait: that is the backpressure. The agent keeps every message it holds (queued, running or
+replica of that role; a finished row goes to its partition driver's sink. Messages to the same
+role or driver within a couple of milliseconds share one Ray call (`outbox.Outbox`). A full queue
+makes the sender wait: that is the backpressure. The agent keeps every message it holds (queued, running or
 being handed on) in `held`, so drivers can find rows lost with a dead actor and deliver them again.
 """
 
@@ -13,7 +14,6 @@ import asyncio
 import itertools
 import logging
 import time
-import uuid
 from typing import Any
 
 import ray
@@ -23,6 +23,7 @@ from matrix_provider.llm.client import ClientConfig, LLMClient, LLMError
 from matrix_provider.runtime import names
 from matrix_provider.runtime.metrics import RoleMetrics
 from matrix_provider.runtime.orchestrator import ERROR, Orchestrator
+from matrix_provider.runtime.outbox import Outbox
 from matrix_provider.runtime.pipeline import load_pipeline, output_row
 from matrix_provider.runtime.roles import RowError
 from matrix_provider.runtime.spec import PipelineSpec
@@ -40,6 +41,8 @@ class PeerDirectory:
         self._agents: dict[str, list[Any]] = {}
         self._drivers: dict[int, Any] = {}
         self._turn = {role: itertools.count() for role in replicas}
+        self._to_role: dict[str, Outbox[Orchestrator]] = {}
+        self._to_driver: dict[int, Outbox[tuple[dict[str, Any], int]]] = {}
 
     def agent(self, role: str) -> Any:
         if role not in self._agents:
@@ -62,12 +65,24 @@ class PeerDirectory:
             )
         return self._drivers[partition]
 
+    def to_role(self, role: str) -> Outbox[Orchestrator]:
+        """Batched `enqueue_many` calls; each batch goes to the next replica of `role`."""
+        if role not in self._to_role:
+            self._to_role[role] = Outbox(lambda msgs: self.agent(role).enqueue_many.remote(msgs))
+        return self._to_role[role]
+
+    def to_driver(self, partition: int) -> Outbox[tuple[dict[str, Any], int]]:
+        """Batched `complete_many` calls to the driver of `partition`."""
+        if partition not in self._to_driver:
+            self._to_driver[partition] = Outbox(lambda rows: self.driver(partition).complete_many.remote(rows))
+        return self._to_driver[partition]
+
 
 async def hand_off(peers: PeerDirectory, role: str, msg: Orchestrator) -> None:
     """Enqueue on a replica of `role`, moving to the next replica while one is dead or restarting."""
     for attempt in range(_HANDOFF_TRIES):
         try:
-            await peers.agent(role).enqueue.remote(msg)
+            await peers.to_role(role).put(msg)
             return
         except RayActorError:
             await asyncio.sleep(min(0.1 * (attempt + 1), 2.0))
@@ -85,7 +100,6 @@ class Agent:
         self.llm = LLMClient(client_config) if role_cls.uses_llm and client_config else None
         self.role = role_cls(role, self.role_spec, self.spec.params, self.llm)
         self.peers = PeerDirectory(run_id, {r: s.replicas for r, s in self.spec.roles.items()})
-        self.incarnation = uuid.uuid4().hex
         self.metrics = RoleMetrics(self.pipeline.name, role)
         self.held: dict[tuple[str, int], int] = {}
         self.queue: asyncio.Queue[Orchestrator] | None = None
@@ -99,16 +113,18 @@ class Agent:
                 asyncio.get_running_loop().create_task(self._worker())
         return self.queue
 
-    async def enqueue(self, msg: Orchestrator) -> None:
-        """Accept a message; returns once it is queued (waits while the queue is full)."""
+    async def enqueue_many(self, msgs: list[Orchestrator]) -> None:
+        """Accept messages; returns once all are queued (waits while the queue is full)."""
         queue = self._start()
-        self.held[(msg.id, msg.delivery)] = msg.partition
-        await queue.put(msg)
+        for msg in msgs:
+            self.held[(msg.id, msg.delivery)] = msg.partition
+        for msg in msgs:
+            await queue.put(msg)
         self.metrics.queue.set(queue.qsize())
 
-    async def held_rows(self) -> tuple[str, list[tuple[str, int, int]]]:
-        """(incarnation, [(row id, delivery, partition)]) for drivers' loss audits."""
-        return self.incarnation, [(i, d, p) for (i, d), p in self.held.items()]
+    async def held_rows(self, partition: int) -> list[tuple[str, int]]:
+        """[(row id, delivery)] of `partition` held here, for its driver's loss audit."""
+        return [key for key, p in self.held.items() if p == partition]
 
     async def stats(self) -> dict[str, Any]:
         llm = self.llm.stats if self.llm else None
@@ -154,7 +170,7 @@ class Agent:
         if next_role is None:
             if not msg.done:
                 msg.finish(ERROR, f"pipeline routing after {self.role_name!r} named no role and no status")
-            await self.peers.driver(msg.partition).complete.remote(output_row(self.pipeline, msg), msg.delivery)
+            await self.peers.to_driver(msg.partition).put((output_row(self.pipeline, msg), msg.delivery))
             return
         msg.next_role = next_role
         msg.offload(self.spec.orchestrator.offload_bytes)

@@ -157,6 +157,11 @@ class PartitionDriver:
             current.acked = True
 
     # -- results ---------------------------------------------------------------------------------
+    async def complete_many(self, results: list[tuple[dict[str, Any], int]]) -> None:
+        """Finished rows from an agent, each with the delivery it came from."""
+        for row, delivery in results:
+            await self.complete(row, delivery)
+
     async def complete(self, row: dict[str, Any], delivery: int) -> None:
         """A finished row from an agent: commit the first result of each id, drop later ones."""
         flight = self.in_flight.pop(row["id"], None)
@@ -228,10 +233,10 @@ class PartitionDriver:
 
         async def ask(agent: Any) -> None:
             try:
-                _, rows = await asyncio.wait_for(agent.held_rows.remote(), timeout)
+                rows = await asyncio.wait_for(agent.held_rows.remote(self.partition), timeout)
             except Exception:  # dead or restarting: it holds nothing we can count on
                 return
-            held.update((i, d) for i, d, p in rows if p == self.partition)
+            held.update(rows)
 
         await asyncio.gather(*(ask(a) for a in self.peers.all_agents()))
         for row_id, flight in list(self.in_flight.items()):

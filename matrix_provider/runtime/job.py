@@ -152,19 +152,21 @@ def _execute(
     spec_json = spec.model_dump_json()
     big = 100_000  # async actors: concurrency is bounded by our own queues and semaphores
     actors.append(IdLedger.options(name=names.ledger_name(run_id), namespace=names.NAMESPACE).remote(committed))
-    agents = []
-    for role, role_spec in spec.roles.items():
-        for i in range(role_spec.replicas):
-            agents.append(
-                Agent.options(
-                    name=names.agent_name(run_id, role, i),
-                    namespace=names.NAMESPACE,
-                    num_cpus=role_spec.num_cpus,
-                    num_gpus=role_spec.num_gpus,
-                    resources=role_spec.resources or None,
-                    max_concurrency=big,
-                ).remote(run_id, role, spec_json, client_config)
-            )
+
+    def agent(role: str, i: int) -> Any:
+        role_spec = spec.roles[role]
+        return Agent.options(
+            name=names.agent_name(run_id, role, i),
+            namespace=names.NAMESPACE,
+            num_cpus=role_spec.num_cpus,
+            num_gpus=role_spec.num_gpus,
+            resources=role_spec.resources or None,
+            max_concurrency=big,
+        ).remote(run_id, role, spec_json, client_config)
+
+    # Ray starts worker processes about in the order actors are created, a few at a time. One
+    # replica of every role and the drivers come first, so rows flow while further replicas start.
+    agents = [agent(role, 0) for role in spec.roles]
     actors.extend(agents)
     shards = plan(fs, files, spec.io, spec.run.partitions)
     drivers = []
@@ -177,6 +179,9 @@ def _execute(
         ).remote(run_id, p, spec_json, shard, run_token)
         drivers.append(driver)
         actors.append(driver)
+    more = [agent(role, i) for role, role_spec in spec.roles.items() for i in range(1, role_spec.replicas)]
+    actors.extend(more)
+    agents += more
     pending = [d.run.remote() for d in drivers]
     reporter = Reporter(None, quiet=quiet)
     try:

@@ -25,6 +25,7 @@ from matrix_provider.runtime.spec import IOSpec
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst")
 PARQUET_SUFFIXES = (".parquet", ".pq")
+_MIN_SPLIT_BYTES = 64 << 10
 
 
 class InputError(ValueError):
@@ -102,29 +103,35 @@ def list_inputs(uri: str, io_spec: IOSpec) -> tuple[fsspec.AbstractFileSystem, l
 
 
 def plan(fs: fsspec.AbstractFileSystem, files: list[Split], io_spec: IOSpec, partitions: int) -> list[list[Split]]:
-    """Cut large files into ranges, then deal the splits to partitions, biggest first, least loaded."""
+    """Cut large files into ranges, then deal the splits to partitions, biggest first, least loaded.
+
+    Ranges are at most `io.split_bytes`, and smaller when that is what it takes to give every
+    partition work (a single 5 MB file over 4 partitions is cut in 4), down to 64 KiB.
+    """
+    splittable = sum(f.size for f in files if f.kind in ("jsonl", "parquet"))
+    split_bytes = min(io_spec.split_bytes, max(_MIN_SPLIT_BYTES, -(-splittable // partitions)))
     splits: list[Split] = []
     for f in files:
-        if f.kind == "jsonl" and f.size > io_spec.split_bytes:
-            for start in range(0, f.size, io_spec.split_bytes):
+        if f.kind == "jsonl" and f.size > split_bytes:
+            for start in range(0, f.size, split_bytes):
                 splits.append(
                     Split(
                         f.path,
                         f.name,
                         f.kind,
                         start,
-                        min(start + io_spec.split_bytes, f.size),
-                        min(io_spec.split_bytes, f.size - start),
+                        min(start + split_bytes, f.size),
+                        min(split_bytes, f.size - start),
                     )
                 )
-        elif f.kind == "parquet" and f.size > io_spec.split_bytes:
+        elif f.kind == "parquet" and f.size > split_bytes:
             with fs.open(f.path, "rb") as handle:
                 meta = pq.ParquetFile(handle).metadata
             groups = [meta.row_group(i).total_byte_size for i in range(meta.num_row_groups)]
             start, acc = 0, 0
             for i, nbytes in enumerate(groups):
                 acc += nbytes
-                if acc >= io_spec.split_bytes or i == len(groups) - 1:
+                if acc >= split_bytes or i == len(groups) - 1:
                     splits.append(Split(f.path, f.name, f.kind, start, i + 1, acc))
                     start, acc = i + 1, 0
         else:
