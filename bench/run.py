@@ -45,14 +45,23 @@ from matrix_provider.runtime.job import backend_app_suffix  # noqa: E402
 from matrix_provider.runtime.spec import compose  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
-QUICK = {"rows": 1000, "concurrency": 256, "slots": 128, "decode": 0.02, "in_flight": [2000], "coral_rows": 0}
+QUICK = {
+    "rows": 1000,
+    "concurrency": 256,
+    "slots": 128,
+    "decode": 0.02,
+    "in_flight": [2000],
+    "coral_rows": 0,
+    "sweep_rows": 1000,
+}
 FULL = {
     "rows": 3000,
-    "concurrency": 512,
+    "concurrency": 256,
     "slots": 128,
     "decode": 0.02,
     "in_flight": [100, 1000, 10000],
     "coral_rows": 600,
+    "sweep_rows": 1200,
 }
 
 
@@ -142,7 +151,7 @@ class Bench:
     def in_flight(self, values: list[int]) -> int:
         overrides, _, sim = self.backend(NATURAL_REASONING)
         for n in values:
-            rows_n = max(n, self.size["rows"])
+            rows_n = max(n, self.size["sweep_rows"])
             partitions = 4 if n >= 400 else 1
             fig = self.measure(
                 f"in_flight/p2p@{n}",
@@ -165,7 +174,7 @@ class Bench:
                 1,
                 lambda p=p: runners.run_p2p(
                     NATURAL_REASONING,
-                    self.corpus(self.size["rows"]),
+                    self.corpus(self.size["sweep_rows"]),
                     self.work / f"out-p-{p}",
                     overrides,
                     p,
@@ -175,7 +184,7 @@ class Bench:
             fig["partitions"] = p
 
     def offload(self, rows_n: int) -> None:
-        overrides, _, sim = self.backend(CORAL, output_mean=400)
+        overrides, _, sim = self.backend(CORAL, output_mean=200)
         for threshold in (16384, 0):
             self.measure(
                 f"offload/coral-long@{'on' if threshold else 'off'}",
@@ -202,7 +211,7 @@ class Bench:
                 n,
                 lambda n=n, c=concurrency, o=overrides: runners.run_p2p(
                     NATURAL_REASONING,
-                    self.corpus(self.size["rows"] * n // 2),
+                    self.corpus(self.size["sweep_rows"] * n // 2),
                     self.work / f"out-s-{n}",
                     [*o, *(f"roles.{r}.replicas={min(2 * n, 4)}" for r in NATURAL_REASONING.stages)],
                     4,
@@ -246,7 +255,7 @@ class Bench:
 
         spec = compose("natural_reasoning", [], {"input": "-", "output": "-"})
         fs, files = list_inputs(str(ROOT / "matrix_provider" / "data" / "corpus"), spec.io)
-        rows = [r.row for f in files for r in read_split(fs, f, spec.io) if r.row is not None]
+        rows = [{**r.row, "id": r.id} for f in files for r in read_split(fs, f, spec.io) if r.row is not None]
         corpus = self.work / "in-embedded"
         corpus.mkdir(exist_ok=True)
         (corpus / "docs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:docs]))
@@ -289,6 +298,28 @@ def quality(rows: runners.Rows) -> dict[str, Any]:
     return out
 
 
+def print_table(res: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"matrix-provider benchmark ({res['bench_minutes']} min)")
+    for column in ("run", "rows", "tokens/s", "util", "util (median s)", "start-up s", "p50 s", "p99 s", "peak RSS MB"):
+        table.add_column(column, justify="left" if column == "run" else "right")
+    for r in res["runs"]:
+        table.add_row(
+            r["runner"],
+            f"{r['rows']:,}",
+            f"{r['tokens_per_s']:,.0f}",
+            f"{r['backend_utilization']:.2f}",
+            f"{r['backend_utilization_median_s']:.2f}",
+            f"{r['startup_s']:.1f}",
+            str(r["p50_latency_s"]),
+            str(r["p99_latency_s"]),
+            f"{r['peak_rss_mb']:,.0f}",
+        )
+    Console(width=160).print(table)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="the main comparison only, smaller: under 5 minutes")
@@ -314,7 +345,7 @@ def main() -> None:
     res["max_rows_in_flight"] = bench.in_flight(size["in_flight"])
     if not args.quick:
         bench.partitions([1, 2, 4, 8, 16])
-        bench.offload(300)
+        bench.offload(100)
         bench.scaling([1, 2, 4])
         res["hop"] = bench.hop(150)
         print(f"  hop: {res['hop']}")
@@ -341,6 +372,7 @@ def main() -> None:
     if args.out is None:
         (RESULTS / "latest.json").write_text(text)
     plot(res, out.with_suffix(".png") if args.out else RESULTS / "latest.png")
+    print_table(res)
     print(json.dumps({k: v for k, v in res.items() if k != "runs"}, indent=2))
     ray.shutdown()
 

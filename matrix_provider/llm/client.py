@@ -7,8 +7,8 @@ Retries 429/5xx/connection errors/timeouts with exponential backoff and jitter (
 other 4xx (a prompt longer than the context, say) fail the step at once with the server's reason.
 
 The transport is aiohttp, not httpx: httpcore's connection pool rescans every connection for every
-queued request, which at hundreds of requests in flight cost 15-28 ms of CPU per request against
-0.4-0.5 ms for aiohttp on this machine (encode/httpcore#1035; figures in bench/README.md).
+queued request, which at 64 to 1,024 requests in flight cost 14-23 ms of CPU per request against
+0.35-0.42 ms for aiohttp on this machine (encode/httpcore#1035; measured by bench/transport.py).
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """Coalescing of actor calls: many messages to one destination travel in one Ray call.
 
 A Ray actor call costs about 1.1 ms of CPU (both sides together) on this 2-core machine, while a
-call carrying 32 messages costs 0.04 ms a message (`bench/actor_calls.py`). Agents and drivers
+call carrying 32 messages costs 0.04 ms a message (`bench/transport.py`). Agents and drivers
 exchange several calls per LLM request, so at hundreds of requests per second the per-call cost,
 not the backend, would cap throughput. An `Outbox` gathers what is sent within `linger_s` (or
-until `max_batch` items) into one call. Each `put` still returns only when its batch was accepted
+until `max_batch` items) into one call; when no call is under way the message leaves at once, so a
+lightly loaded pipeline pays no linger. Each `put` still returns only when its batch was accepted
 and raises the batch's error, so backpressure and failure handling stay per message.
 """
 
@@ -26,8 +27,6 @@ class Outbox(Generic[T]):
         self._waiters: list[asyncio.Future[None]] = []
         self._timer: asyncio.TimerHandle | None = None
         self._calls: set[asyncio.Task[None]] = set()
-        self.calls = 0
-        self.items = 0
 
     async def put(self, item: T) -> None:
         """Send `item` with the next batch; return when that batch was accepted."""
@@ -35,7 +34,7 @@ class Outbox(Generic[T]):
         waiter: asyncio.Future[None] = loop.create_future()
         self._items.append(item)
         self._waiters.append(waiter)
-        if len(self._items) >= self.max_batch:
+        if len(self._items) >= self.max_batch or not self._calls:
             self._flush()
         elif self._timer is None:
             self._timer = loop.call_later(self.linger_s, self._flush)
@@ -53,8 +52,6 @@ class Outbox(Generic[T]):
             task.add_done_callback(self._calls.discard)
 
     async def _call(self, items: list[T], waiters: list[asyncio.Future[None]]) -> None:
-        self.calls += 1
-        self.items += len(items)
         try:
             await self._send(items)
         except Exception as exc:
