@@ -55,12 +55,12 @@ QUICK = {
     "sweep_rows": 1000,
 }
 FULL = {
-    "rows": 3000,
+    "rows": 2500,
     "concurrency": 256,
     "slots": 128,
     "decode": 0.02,
     "in_flight": [100, 1000, 10000],
-    "coral_rows": 600,
+    "coral_rows": 400,
     "sweep_rows": 1200,
 }
 
@@ -124,11 +124,14 @@ class Bench:
         return fig
 
     # -- sections ----------------------------------------------------------------------------------
-    def compare(self, wl: Workload, rows_n: int, concurrency: int) -> dict[str, Any]:
+    def compare(self, wl: Workload, rows_n: int, concurrency: int, warm_up: bool = True) -> dict[str, Any]:
         overrides, config, sim = self.backend(wl)
         corpus = self.corpus(rows_n)
         warm = self.corpus(64)
-        print(f"{wl.name}: {rows_n} rows, {concurrency} in flight (warm-up: 64 rows through each runner first)")
+        print(
+            f"{wl.name}: {rows_n} rows, {concurrency} in flight"
+            + (" (64 rows through each runner first)" if warm_up else "")
+        )
         one_each = tuple(f"roles.{r}.replicas=1" for r in set(wl.stages))
         runs = {
             "p2p": lambda c: runners.run_p2p(
@@ -139,7 +142,8 @@ class Bench:
         }
         figs = {}
         for name, fn in runs.items():
-            fn(warm)
+            if warm_up:
+                fn(warm)
             figs[name] = self.measure(f"{wl.name}/{name}", sim, 1, lambda fn=fn: fn(corpus))
         return {
             "p2p_over_ray_data": round(figs["p2p"]["tokens_per_s"] / figs["ray_data"]["tokens_per_s"], 2),
@@ -340,12 +344,12 @@ def main() -> None:
     figs = main_cmp.pop("figures")
     res["natural_reasoning"] = main_cmp
     if size["coral_rows"]:
-        res["coral"] = bench.compare(CORAL, size["coral_rows"], size["concurrency"])
+        res["coral"] = bench.compare(CORAL, size["coral_rows"], size["concurrency"], warm_up=False)  # warm by now
         res["coral"].pop("figures")
     res["max_rows_in_flight"] = bench.in_flight(size["in_flight"])
     if not args.quick:
         bench.partitions([1, 2, 4, 8, 16])
-        bench.offload(100)
+        bench.offload(60)
         bench.scaling([1, 2, 4])
         res["hop"] = bench.hop(150)
         print(f"  hop: {res['hop']}")
