@@ -79,9 +79,13 @@ class Bench:
             self._corpora[rows] = workload.write_corpus(self.work / f"in-{rows}", rows)
         return self._corpora[rows]
 
-    def backend(self, wl: Workload, replicas: int = 1, output_mean: int = 48) -> tuple[list[str], Any, str]:
-        """(overrides, client config, simulator name) for the workload on this run's simulator."""
-        sim = workload.sim_spec(self.size["slots"], self.size["decode"], replicas, output_mean)
+    def backend(
+        self, wl: Workload, replicas: int = 1, output_mean: int = 48, decode: float | None = None
+    ) -> tuple[list[str], Any, str]:
+        """(overrides, client config, simulator name) for the workload on this run's simulator
+        (`decode` seconds per token instead of the run's, if given)."""
+        decode = self.size["decode"] if decode is None else decode
+        sim = workload.sim_spec(self.size["slots"], decode, replicas, output_mean)
         overrides = workload.overrides(sim, wl)
         spec = compose(wl.spec, overrides, {"input": "-", "output": "-"})
         name = f"matrix-sim-{backend_app_suffix(spec)}"
@@ -90,7 +94,7 @@ class Bench:
     def measure(
         self, label: str, sim: str, replicas: int, fn: Callable[[], tuple[runners.Rows, float]]
     ) -> dict[str, Any]:
-        with Sampler(sim, replicas, self.size["slots"]) as sampler:
+        with Sampler(sim, replicas) as sampler:
             rows, wall = fn()
         latencies = sorted(r[1] for r in rows.values())
         tokens = sum(r[2] for r in rows.values())
@@ -102,9 +106,7 @@ class Bench:
             "tokens_per_s": round(tokens / wall, 1),
             "rows_per_s": round(len(rows) / wall, 1),
             **sampler.utilization(),
-            "backend_capacity_tokens_per_s": (
-                self.size["slots"] * replicas / self.size["decode"] if self.size["decode"] else None
-            ),
+            "backend_capacity_tokens_per_s": sampler.capacity_tokens_per_s,
             "p50_latency_s": round(statistics.median(latencies), 2) if latencies else None,
             "p99_latency_s": round(latencies[int(0.99 * (len(latencies) - 1))], 2) if latencies else None,
             "ok": statuses["ok"],
@@ -226,21 +228,17 @@ class Bench:
 
     def hop(self, rows_n: int) -> dict[str, Any]:
         """Instant simulator, one row at a time: what p2p adds to each step over a function call."""
-        self.size = {**self.size, "decode": 0.0}
-        try:
-            overrides, config, sim = self.backend(NATURAL_REASONING)
-            corpus = self.corpus(rows_n)
-            p2p = self.measure(
-                "hop/p2p",
-                sim,
-                1,
-                lambda: runners.run_p2p(NATURAL_REASONING, corpus, self.work / "out-hop", overrides, 1, 1),
-            )
-            central = self.measure(
-                "hop/central", sim, 1, lambda: runners.run_central(NATURAL_REASONING, corpus, config, overrides, 1)
-            )
-        finally:
-            self.size = {**self.size, "decode": FULL["decode"]}
+        overrides, config, sim = self.backend(NATURAL_REASONING, decode=0.0)
+        corpus = self.corpus(rows_n)
+        p2p = self.measure(
+            "hop/p2p",
+            sim,
+            1,
+            lambda: runners.run_p2p(NATURAL_REASONING, corpus, self.work / "out-hop", overrides, 1, 1),
+        )
+        central = self.measure(
+            "hop/central", sim, 1, lambda: runners.run_central(NATURAL_REASONING, corpus, config, overrides, 1)
+        )
         steps = statistics.mean(steps_of(r) for r in p2p["_rows"].values())
         mean = {
             name: statistics.mean(r[1] for r in fig["_rows"].values())

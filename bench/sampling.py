@@ -3,6 +3,7 @@ every process involved, sampled from background threads."""
 
 from __future__ import annotations
 
+import math
 import statistics
 import threading
 import time
@@ -28,8 +29,8 @@ _KINDS = (
 class Sampler:
     """Peak RSS (total and by process kind) and per-interval backend utilization."""
 
-    def __init__(self, sim_name: str, replicas: int, slots: int, interval_s: float = 1.0):
-        self.sim_name, self.replicas, self.slots = sim_name, replicas, slots
+    def __init__(self, sim_name: str, replicas: int, interval_s: float = 1.0):
+        self.sim_name, self.replicas = sim_name, replicas
         self.interval_s = interval_s
         self.peak_mb = 0.0
         self.peak_by_kind: dict[str, float] = defaultdict(float)
@@ -41,7 +42,10 @@ class Sampler:
         ]
 
     def __enter__(self) -> Sampler:
-        self.started = time.monotonic()
+        stats = sim_stats(self.sim_name, self.replicas)
+        self.slots = sum(int(s["slots"]) for s in stats)
+        capacity = sum(s["capacity_tokens_per_s"] for s in stats)
+        self.capacity_tokens_per_s = capacity if math.isfinite(capacity) else None  # an instant simulator has none
         self.busy.append(self._sim_now())
         for thread in self._threads:
             thread.start()
@@ -82,7 +86,7 @@ class Sampler:
 
     def utilization(self) -> dict[str, Any]:
         """Busy slot-time over capacity: whole run, after the first request, and the median second."""
-        capacity = self.slots * self.replicas
+        capacity = self.slots
         (t0, b0, _), (t1, b1, _) = self.busy[0], self.busy[-1]
         whole = (b1 - b0) / (capacity * (t1 - t0))
         rates = [

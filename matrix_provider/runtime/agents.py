@@ -2,10 +2,11 @@
 
 An agent takes a message from its bounded queue, runs its role (with a per-step timeout and
 retries with backoff), asks the orchestrator who acts next and enqueues the message directly on a
-replica of that role; a finished row goes to its partition driver's sink. Messages to the same
-role or driver within a couple of milliseconds share one Ray call (`outbox.Outbox`). A full queue
-makes the sender wait: that is the backpressure. The agent keeps every message it holds (queued, running or
-being handed on) in `held`, so drivers can find rows lost with a dead actor and deliver them again.
+replica of that role; a finished row goes to its partition driver's sink. Messages for the same
+role or driver that meet while a call to it is under way share the next Ray call (`outbox.Outbox`).
+A full queue makes the sender wait: that is the backpressure. The agent keeps every message it
+holds (queued, running or being handed on) in `held`, so drivers can find rows lost with a dead
+actor and deliver them again.
 """
 
 from __future__ import annotations
