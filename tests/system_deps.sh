@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Debian packages some tests need (headless Chromium for the UI check). Installs only what is missing.
+# Debian packages some tests need (headless Chromium for the UI check, PostgreSQL for Airflow's
+# services). Installs only what is missing.
 set -euo pipefail
 missing=()
 command -v chromium >/dev/null || missing+=(chromium)
 command -v chromedriver >/dev/null || missing+=(chromium-driver)
+compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || missing+=(postgresql)
 if ((${#missing[@]})); then
   if [[ $(id -u) -ne 0 ]]; then echo "need root to apt-get install ${missing[*]}" >&2; exit 1; fi
   apt-get update -qq

@@ -1,4 +1,4 @@
-"""Airflow as it runs in production: API server, scheduler, DAG processor and triggerer.
+"""Airflow as it runs in production: API server, scheduler, DAG processor and triggerer on PostgreSQL.
 
 Covers what needs the whole system: a backfill over three corpus snapshots (three Ray jobs, three
 outputs) and the Matrix UI view rendered by headless Chromium from the running API server.
@@ -13,6 +13,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -20,6 +21,7 @@ import pytest
 from matrix_provider.hooks.ray_jobs import MatrixRayHook
 from tests.conftest import REPO, VENV_BIN, free_port, wait_port
 from tests.corpus import write_jsonl
+from tests.postgres import running_postgres
 
 DATES = ["2026-03-01", "2026-03-02", "2026-03-03"]
 ARTIFACTS = REPO / "test-artifacts"
@@ -44,7 +46,22 @@ def services(airflow_env, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
         "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "2",
     }
-    logs = tmp_path_factory.mktemp("airflow-logs")
+    with running_postgres(free_port()) as db_url:
+        env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = db_url
+        migrate = subprocess.run(
+            [str(VENV_BIN / "airflow"), "db", "migrate"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=airflow_env.home,
+        )
+        assert migrate.returncode == 0, migrate.stderr[-3000:]
+        yield from _services(env, port, airflow_env.home, tmp_path_factory.mktemp("airflow-logs"), root)
+
+
+def _services(env: dict, port: int, home: Path, logs: Path, root: Path) -> Iterator[dict]:
+    """Start the four Airflow services; yield what the tests need; stop them."""
     commands = {
         "api-server": ["api-server", "--host", "127.0.0.1", "--port", str(port)],
         # --skip-serve-logs: Airflow's log servers bind every interface; tests bind 127.0.0.1 only.
@@ -60,12 +77,12 @@ def services(airflow_env, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
-            cwd=airflow_env.home,
+            cwd=home,
             start_new_session=True,
         )
     try:
         wait_port(port, timeout=180)
-        yield {"env": env, "url": f"http://127.0.0.1:{port}", "root": root, "logs": logs, "home": airflow_env.home}
+        yield {"env": env, "url": f"http://127.0.0.1:{port}", "root": root, "logs": logs, "home": home}
     finally:
         for proc in procs.values():
             os.killpg(proc.pid, signal.SIGTERM)
