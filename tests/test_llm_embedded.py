@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import time
+from pathlib import Path
 
+import matrix_provider
 from matrix_provider.llm import backends
 from matrix_provider.llm.client import LLMClient
 from matrix_provider.llm.spec import EmbeddedSpec
+from matrix_provider.pipelines.natural_reasoning import NaturalReasoningOrchestrator, QuestionRole
+from matrix_provider.runtime.sources import list_inputs, read_split
+from matrix_provider.runtime.spec import compose
+
+CORPUS = Path(matrix_provider.__file__).parent / "data" / "corpus"
+# Two replicas of two slots: enough for the balancing test; the other tests reuse the same app.
+SMALL = EmbeddedSpec(backend="embedded", replicas=2, n_parallel=2, n_threads=1, n_ctx=1024, app_name="test-embedded-2r")
 
 
 def test_embedded_chat_completion_usage_balancing_and_stickiness(ray_client) -> None:
-    spec = EmbeddedSpec(
-        backend="embedded", replicas=2, n_parallel=2, n_threads=1, n_ctx=1024, app_name="test-embedded-2r"
-    )
-    config = backends.deploy(spec)
+    config = backends.deploy(SMALL)
     backends.probe(config)
 
     async def go():
@@ -56,3 +63,28 @@ def test_context_overflow_is_a_row_error_with_the_reason(ray_client) -> None:
 
     err = asyncio.run(go())
     assert "exceeds the available context size" in str(err) and not err.retryable
+
+
+def test_question_role_penalty_keeps_smollm2_out_of_a_loop(ray_client) -> None:
+    """At temperature 0 SmolLM2-135M repeats one sentence on this page until max_tokens, cutting its
+    JSON off; the shipped question role's frequency_penalty lets it close the JSON."""
+    spec = compose("natural_reasoning", [], {"input": "-", "output": "-"})
+    assert spec.roles["question"].frequency_penalty > 0
+    fs, files = list_inputs(str(CORPUS), spec.io)
+    page = next(
+        r.row for f in files for r in read_split(fs, f, spec.io) if r.row and "5.6. Modifying Tables" in r.row["text"]
+    )
+    config = backends.deploy(SMALL)
+    msg = NaturalReasoningOrchestrator(id="p", partition=0, delivery=1, deadline=time.time() + 600, row=page)
+
+    async def go() -> None:
+        client = LLMClient(config)
+        try:
+            await QuestionRole("question", spec.roles["question"], spec.params, client).run(msg)
+        finally:
+            await client.aclose()
+
+    asyncio.run(go())
+    qa = msg.results["question"]
+    assert qa["question"] and qa["answer"] and qa["reasoning"], qa
+    assert msg.usage["completion_tokens"] < spec.roles["question"].max_tokens, msg.usage

@@ -136,6 +136,7 @@ class LLMClient:
         sticky_key: str,
         max_tokens: int,
         temperature: float = 0.0,
+        frequency_penalty: float = 0.0,
         response_format: dict[str, Any] | None = None,
         tools: list[dict[str, Any]] | None = None,
     ) -> Completion:
@@ -145,6 +146,8 @@ class LLMClient:
             "max_tokens": max_tokens,
             "temperature": temperature,
         }
+        if frequency_penalty:  # only when asked: not every OpenAI-compatible server takes it
+            body["frequency_penalty"] = frequency_penalty
         if response_format is not None:
             body["response_format"] = response_format
         if tools:

@@ -52,6 +52,7 @@ class LLMRole(Role):
             sticky_key=msg.id,
             max_tokens=max_tokens or self.spec.max_tokens,
             temperature=self.spec.temperature,
+            frequency_penalty=self.spec.frequency_penalty,
             response_format=response_format,
             tools=tools,
         )
@@ -73,7 +74,7 @@ class LLMRole(Role):
             if completion.finish_reason == "length":
                 raise RowError(
                     f"{self.name}: answer cut off at max_tokens={self.spec.max_tokens} before its JSON closed; "
-                    f"raise roles.{self.name}.max_tokens"
+                    f"raise roles.{self.name}.max_tokens, or roles.{self.name}.frequency_penalty if it repeats itself"
                 ) from None
             raise RowError(f"{self.name}: model answer is not JSON: {completion.text[:120]!r}") from None
         if not isinstance(value, dict):

@@ -72,6 +72,9 @@ class RoleSpec(_Strict):
     backoff_s: float = Field(0.2, ge=0)
     max_tokens: int = Field(256, ge=1)
     temperature: float = Field(0.0, ge=0)
+    frequency_penalty: float = Field(
+        0.0, ge=-2.0, le=2.0, description="OpenAI's penalty on repeated tokens; keeps small models out of loops"
+    )
     params: dict[str, Any] = Field(default_factory=dict, description="role-specific knobs")
 
 
