@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from matrix_provider.hooks.ray_jobs import MatrixRayHook
-from tests.conftest import REPO, VENV_BIN, free_port, wait_port
+from tests.conftest import REPO, VENV_BIN, AirflowEnv, free_port, wait_port
 from tests.corpus import write_jsonl
 from tests.postgres import running_postgres
 
@@ -48,14 +48,7 @@ def services(airflow_env, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     }
     with running_postgres(free_port()) as db_url:
         env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = db_url
-        migrate = subprocess.run(
-            [str(VENV_BIN / "airflow"), "db", "migrate"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            cwd=airflow_env.home,
-        )
+        migrate = AirflowEnv(airflow_env.home, env).airflow("db", "migrate", timeout=300)
         assert migrate.returncode == 0, migrate.stderr[-3000:]
         yield from _services(env, port, airflow_env.home, tmp_path_factory.mktemp("airflow-logs"), root)
 
@@ -94,14 +87,7 @@ def _services(env: dict, port: int, home: Path, logs: Path, root: Path) -> Itera
 
 
 def _airflow(services: dict, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(VENV_BIN / "airflow"), *args],
-        env=services["env"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=services["home"],
-    )
+    return AirflowEnv(services["home"], services["env"]).airflow(*args, timeout=300)
 
 
 def _wait_parsed(services: dict, dag_id: str, timeout: float = 180) -> None:

@@ -5,18 +5,16 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from pathlib import Path
 
-import matrix_provider
 from matrix_provider.llm import backends
 from matrix_provider.llm.client import LLMClient
 from matrix_provider.llm.spec import EmbeddedSpec
 from matrix_provider.pipelines.natural_reasoning import NaturalReasoningOrchestrator, QuestionRole
 from matrix_provider.runtime.sources import list_inputs, read_split
 from matrix_provider.runtime.spec import compose
+from tests.conftest import CORPUS
 
-CORPUS = Path(matrix_provider.__file__).parent / "data" / "corpus"
-# Two replicas of two slots: enough for the balancing test; the other tests reuse the same app.
+# Two replicas of two slots: enough for the balancing test; the question-role test reuses the app.
 SMALL = EmbeddedSpec(backend="embedded", replicas=2, n_parallel=2, n_threads=1, n_ctx=1024, app_name="test-embedded-2r")
 
 
