@@ -1,12 +1,17 @@
 """Agents: stateless role replicas as async Ray actors, handing messages straight to each other.
 
-An agent takes a message from its bounded queue, runs its role (with a per-step timeout and
-retries with backoff), asks the orchestrator who acts next and enqueues the message directly on a
-replica of that role; a finished row goes to its partition driver's sink. Messages for the same
-role or driver that meet while a call to it is under way share the next Ray call (`outbox.Outbox`).
-A full queue makes the sender wait: that is the backpressure. The agent keeps every message it
-holds (queued, running or being handed on) in `held`, so drivers can find rows lost with a dead
-actor and deliver them again.
+An agent takes a message from its queue, runs its role (with a per-step timeout and retries with
+backoff), asks the orchestrator who acts next and enqueues the message directly on a replica of
+that role; a finished row goes to its partition driver. Messages for the same role or driver that
+meet while a call to it is under way share the next Ray call (`outbox.Outbox`).
+
+Flow control cannot deadlock, whatever the routing graph (loops included): enqueueing never waits.
+Drivers bound rows in flight by credits (one per admitted row), and a row is one message, so every
+queue together holds at most the rows in flight. An agent drops a delivery whose deadline passed or
+that a newer delivery of the same row superseded, and ends a row that loops past
+`orchestrator.max_hops` as an error. A row it cannot carry on (its offloaded payload is gone, no
+replica of the next role answers) is reported to its driver, which delivers it again at once.
+The agent keeps every message it holds in `held`, for the audit its driver runs after an agent died.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import asyncio
 import itertools
 import logging
 import time
+import uuid
 from typing import Any
 
 import ray
@@ -31,6 +37,8 @@ from matrix_provider.runtime.spec import PipelineSpec
 
 _HANDOFF_TRIES = 30
 logger = logging.getLogger(__name__)
+# To a driver: ("done", key, delivery, output row) or ("lost", key, delivery, reason).
+Report = tuple[str, str, int, Any]
 
 
 class PeerDirectory:
@@ -43,7 +51,7 @@ class PeerDirectory:
         self._drivers: dict[int, Any] = {}
         self._turn = {role: itertools.count() for role in replicas}
         self._to_role: dict[str, Outbox[Orchestrator]] = {}
-        self._to_driver: dict[int, Outbox[tuple[dict[str, Any], int]]] = {}
+        self._to_driver: dict[int, Outbox[Report]] = {}
 
     def agent(self, role: str) -> Any:
         if role not in self._agents:
@@ -72,10 +80,10 @@ class PeerDirectory:
             self._to_role[role] = Outbox(lambda msgs: self.agent(role).enqueue_many.remote(msgs))
         return self._to_role[role]
 
-    def to_driver(self, partition: int) -> Outbox[tuple[dict[str, Any], int]]:
-        """Batched `complete_many` calls to the driver of `partition`."""
+    def to_driver(self, partition: int) -> Outbox[Report]:
+        """Batched `reports` calls to the driver of `partition`."""
         if partition not in self._to_driver:
-            self._to_driver[partition] = Outbox(lambda rows: self.driver(partition).complete_many.remote(rows))
+            self._to_driver[partition] = Outbox(lambda items: self.driver(partition).reports.remote(items))
         return self._to_driver[partition]
 
 
@@ -102,29 +110,35 @@ class Agent:
         self.role = role_cls(role, self.role_spec, self.spec.params, self.llm)
         self.peers = PeerDirectory(run_id, {r: s.replicas for r, s in self.spec.roles.items()})
         self.metrics = RoleMetrics(self.pipeline.name, role)
+        self.incarnation_id = uuid.uuid4().hex  # new after every restart: the run's supervisor watches it
         self.held: dict[tuple[str, int], int] = {}
+        self.newest: dict[str, int] = {}
         self.queue: asyncio.Queue[Orchestrator] | None = None
         self.running = 0
         self.step_retries = 0
+        self.dropped = 0
 
     def _start(self) -> asyncio.Queue[Orchestrator]:
         if self.queue is None:
-            self.queue = asyncio.Queue(maxsize=self.role_spec.max_concurrency)
+            self.queue = asyncio.Queue()
             for _ in range(self.role_spec.max_concurrency):
                 asyncio.get_running_loop().create_task(self._worker())
         return self.queue
 
+    async def incarnation(self) -> str:
+        return self.incarnation_id
+
     async def enqueue_many(self, msgs: list[Orchestrator]) -> None:
-        """Accept messages; returns once all are queued (waits while the queue is full)."""
+        """Accept messages; never waits (drivers' credits bound what is in flight)."""
         queue = self._start()
         for msg in msgs:
-            self.held[(msg.id, msg.delivery)] = msg.partition
-        for msg in msgs:
-            await queue.put(msg)
+            self.held[(msg.key, msg.delivery)] = msg.partition
+            self.newest[msg.key] = max(self.newest.get(msg.key, 0), msg.delivery)
+            queue.put_nowait(msg)
         self.metrics.queue.set(queue.qsize())
 
     async def held_rows(self, partition: int) -> list[tuple[str, int]]:
-        """[(row id, delivery)] of `partition` held here, for its driver's loss audit."""
+        """[(row key, delivery)] of `partition` held here, for its driver's loss audit."""
         return [key for key, p in self.held.items() if p == partition]
 
     async def stats(self) -> dict[str, Any]:
@@ -136,6 +150,7 @@ class Agent:
             "llm_requests": llm.requests if llm else 0,
             "llm_retries": llm.retries if llm else 0,
             "step_retries": self.step_retries,
+            "dropped": self.dropped,
         }
 
     async def _worker(self) -> None:
@@ -146,16 +161,33 @@ class Agent:
             self.metrics.in_flight.set(self.running)
             try:
                 await self._process(msg)
-            except Exception:  # never let one row stop a worker; the driver's audit re-delivers it
-                logger.exception("agent %s dropped row %s", self.role_name, msg.id)
+            except Exception as exc:  # never let one row stop a worker; its driver delivers it again
+                logger.exception("agent %s could not carry row %s on", self.role_name, msg.id)
+                await self._report_lost(msg, f"{self.role_name}: {type(exc).__name__}: {exc}")
             finally:
                 self.running -= 1
-                self.held.pop((msg.id, msg.delivery), None)
+                self.held.pop((msg.key, msg.delivery), None)
+                if self.newest.get(msg.key) == msg.delivery:
+                    del self.newest[msg.key]
+
+    def _stale(self, msg: Orchestrator) -> bool:
+        """A delivery past its deadline or superseded by a newer one: its driver no longer waits for it."""
+        return time.time() > msg.deadline or msg.delivery < self.newest.get(msg.key, 0)
+
+    async def _report_lost(self, msg: Orchestrator, reason: str) -> None:
+        try:
+            await self.peers.to_driver(msg.partition).put(("lost", msg.key, msg.delivery, reason))
+        except Exception:  # the driver is gone: its units are redone elsewhere
+            logger.warning("driver %s of row %s is unreachable", msg.partition, msg.id)
 
     async def _process(self, msg: Orchestrator) -> None:
+        if self._stale(msg):
+            self.dropped += 1
+            return
         try:
             await msg.materialize()
-        except Exception:  # owner of an offloaded payload died: the driver re-delivers the row
+        except Exception as exc:  # the owner of an offloaded payload died
+            await self._report_lost(msg, f"offloaded payload lost: {type(exc).__name__}")
             return
         started = time.monotonic()
         before = dict(msg.usage)
@@ -168,17 +200,27 @@ class Agent:
                 self.metrics.tokens.inc(spent, {"kind": kind})
         msg.hops += 1
         next_role = None if msg.done else msg.route(self.role_name)
+        if next_role is not None and msg.hops >= self.spec.orchestrator.max_hops:
+            msg.finish(
+                ERROR,
+                f"routing loop: {msg.hops} steps without finishing (orchestrator.max_hops), last {self.role_name!r}",
+            )
+            next_role = None
         if next_role is None:
             if not msg.done:
                 msg.finish(ERROR, f"pipeline routing after {self.role_name!r} named no role and no status")
-            await self.peers.to_driver(msg.partition).put((output_row(self.pipeline, msg), msg.delivery))
+            row = output_row(self.pipeline, msg)
+            await self.peers.to_driver(msg.partition).put(("done", msg.key, msg.delivery, row))
+            return
+        if self._stale(msg):  # superseded while it ran: the newer delivery carries the row
+            self.dropped += 1
             return
         msg.next_role = next_role
         msg.offload(self.spec.orchestrator.offload_bytes)
         try:
             await hand_off(self.peers, next_role, msg)
-        except RuntimeError:
-            return  # the driver's audit will see the row is gone and deliver it again
+        except RuntimeError as exc:
+            await self._report_lost(msg, str(exc))
 
     async def _run_step(self, msg: Orchestrator) -> None:
         spec = self.role_spec

@@ -1,149 +1,243 @@
-"""Partition drivers: each owns a disjoint shard of the input and keeps `concurrency` rows in flight.
+"""Partition drivers: each runs the work units the job hands it, keeping `concurrency` rows in flight.
 
-A driver admits a row the moment another finishes (no batch barrier), never relays a row between
-agents, and is the only writer of its partition's output. It watches every admitted row: a row past
-its deadline, or missing from every agent's `held` set in two audits running (its actor died), is
-delivered again; the first result to come back is committed and later ones are dropped. That is
-at-least-once delivery into an idempotent sink, so each input row is written exactly once.
+A driver reads a unit, admits each row as soon as a credit is free (no batch barrier: the next
+unit is read while the last rows of the previous one are still out), never relays a row between
+agents, and writes the unit's rows as Parquet parts. When every row of a unit has come back and its
+parts are written, it commits the unit (see `sink.py`) and returns the commit record.
+
+State is bounded by rows in flight and open units, never by the number of rows: ids are compared
+within a unit only (the first occurrence in input order keeps its id, a later one becomes an error
+row under its position id), and nothing of a committed unit is kept.
+
+Every row is delivered at least once and its first result is kept, so each row is written once:
+- a row past `orchestrator.row_deadline_s` is delivered again (agents drop the old delivery);
+- a row an agent could not carry on is reported `lost` and delivered again at once;
+- after an agent died (the job's supervisor tells us) the driver audits: rows that no live agent
+  holds in two snapshots a moment apart were lost with it and are delivered again. An agent that
+  does not answer makes the audit inconclusive, never a loss: a slow row is not blamed.
+After `max_deliveries` deliveries a row becomes an error row.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import itertools
+import re
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from typing import Any
 
-import pyarrow as pa
 import ray
 
-from matrix_provider.runtime import names
-from matrix_provider.runtime.agents import PeerDirectory, hand_off
+from matrix_provider.runtime.agents import PeerDirectory, Report, hand_off
+from matrix_provider.runtime.encode import to_table
+from matrix_provider.runtime.lease import check_generation
 from matrix_provider.runtime.metrics import PipelineMetrics
 from matrix_provider.runtime.orchestrator import ERROR
 from matrix_provider.runtime.pipeline import error_row, load_pipeline, output_row
 from matrix_provider.runtime.sink import OutputStore
-from matrix_provider.runtime.sources import Record, Split, open_fs, read_split
+from matrix_provider.runtime.sources import Record, Split, open_fs, read_unit
 from matrix_provider.runtime.spec import PipelineSpec
 
 _READ_BATCH = 256
-_AUDIT_MISSES = 2
+_AUDIT_GAP_S = 1.0
+_TOP_REASONS = 20
+_REASON_DETAIL = re.compile(r"\s*\([^)]*\)")  # "too short (12 words)" counts as "too short"
+
+
+def reason_key(reason: str) -> str:
+    return _REASON_DETAIL.sub("", reason)[:100]
+
+
+@dataclass
+class UnitRun:
+    """One attempt at one unit: its buffer, counters and parts until it is committed."""
+
+    unit: Split
+    attempt: str
+    seen: set[str] = field(default_factory=set)
+    buffer: list[dict[str, Any]] = field(default_factory=list)
+    parts: list[dict[str, Any]] = field(default_factory=list)
+    counts: collections.Counter[str] = field(default_factory=collections.Counter)
+    reasons: collections.Counter[str] = field(default_factory=collections.Counter)
+    outstanding: int = 0
+    reading: bool = True
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def drained(self) -> bool:
+        return not self.reading and self.outstanding == 0
 
 
 @dataclass
 class Flight:
+    unit: UnitRun
+    row_id: str
     row: dict[str, Any]
-    delivery: int
-    deadline: float
+    delivery: int = 0
+    deadline: float = 0.0
     acked: bool = False
-    misses: int = 0
     admitted: float = 0.0
-
-
-@dataclass
-class Counters:
-    rows_in: int = 0
-    rows_ok: int = 0
-    rows_filtered: int = 0
-    rows_error: int = 0
-    rows_resumed: int = 0
-    rows_redelivered: int = 0
-    results_dropped: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    parts: int = 0
 
 
 def _take(iterator: Any, n: int) -> list[Record]:
     return list(itertools.islice(iterator, n))
 
 
-@ray.remote(max_restarts=0)
+@ray.remote(max_restarts=-1, max_task_retries=0)
 class PartitionDriver:
-    def __init__(self, run_id: str, partition: int, spec_json: str, splits: list[Split], run_token: str):
+    def __init__(self, run_id: str, partition: int, spec_json: str, generation: int):
         self.spec = PipelineSpec.model_validate_json(spec_json)
         self.pipeline = load_pipeline(self.spec.pipeline)
         self.partition = partition
-        self.splits = splits
-        self.run_token = run_token
+        self.generation = generation
         self.peers = PeerDirectory(run_id, {r: s.replicas for r, s in self.spec.roles.items()})
-        self.ledger = ray.get_actor(names.ledger_name(run_id), namespace=names.NAMESPACE)
-        self.store = OutputStore(self.spec.run.output, self.spec.io.storage_options)
+        self.store = OutputStore(self.spec.run.output, self.spec.io.storage_options, self.spec.io.write_retries)
+        self.in_fs, _ = open_fs(self.spec.run.input, self.spec.io.storage_options)
         self.metrics = PipelineMetrics(self.pipeline.name)
         self.in_flight: dict[str, Flight] = {}
-        self.buffer: list[dict[str, Any]] = []
-        self.counters = Counters()
-        self.seq = itertools.count()
-        self.flush_lock = asyncio.Lock()
-        self.tasks: set[asyncio.Task[None]] = set()
-        self.reading = True
+        self.units: dict[str, UnitRun] = {}
+        self.totals: collections.Counter[str] = collections.Counter()
         self.slots: asyncio.Semaphore | None = None
-        self.idle: asyncio.Event | None = None
-        self.started = time.monotonic()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.audit_wanted = False
+        self.fatal: BaseException | None = None
+        self.watchdog: asyncio.Task[None] | None = None
 
-    # -- admission -------------------------------------------------------------------------------
-    async def run(self) -> dict[str, Any]:
-        self.slots = asyncio.Semaphore(self.spec.run.concurrency)
-        self.idle = asyncio.Event()
-        watchdog = asyncio.create_task(self._watchdog())
-        flusher = asyncio.create_task(self._flusher())
+    # -- units -------------------------------------------------------------------------------------
+    def _ensure_started(self) -> asyncio.Semaphore:
+        if self.slots is None:
+            self.slots = asyncio.Semaphore(self.spec.run.concurrency)
+            self.watchdog = asyncio.get_running_loop().create_task(self._watch())
+            self.watchdog.add_done_callback(self._background_done)
+        return self.slots
+
+    def _background_done(self, task: asyncio.Task[None]) -> None:
+        """Supervision: a background task that dies fails every open unit at once, with its cause."""
+        if not task.cancelled() and task.exception() is not None:
+            self.fatal = task.exception()
+            for unit in self.units.values():
+                unit.wake.set()
+
+    async def run_unit(self, unit: Split) -> dict[str, Any]:
+        """Process and commit one unit; returns its commit record."""
+        self._ensure_started()
+        run = UnitRun(unit, f"g{self.generation}{uuid.uuid4().hex[:6]}")
+        self.units[run.attempt] = run
         try:
-            fs, _ = open_fs(self.spec.run.input, self.spec.io.storage_options)
-            for split in self.splits:
-                records = read_split(fs, split, self.spec.io)
-                while batch := await asyncio.to_thread(_take, records, _READ_BATCH):
-                    await self._admit_batch(batch)
-            self.reading = False
-            if not self.in_flight:
-                self.idle.set()
-            await self.idle.wait()
-            await self._flush()
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._read(run))
+                group.create_task(self._write(run))
+            return await asyncio.to_thread(self._commit, run)
         finally:
-            watchdog.cancel()
-            flusher.cancel()
-        return self.stats()
+            self.units.pop(run.attempt, None)
+            for key in [k for k, f in self.in_flight.items() if f.unit is run]:
+                del self.in_flight[key]
+                self.slots.release()  # type: ignore[union-attr]
 
-    async def _admit_batch(self, batch: list[Record]) -> None:
-        claims = await self.ledger.claim.remote([(r.id, r.pos_id) for r in batch])
-        for record, claim in zip(batch, claims, strict=True):
-            self.counters.rows_in += 1
-            if claim in ("resumed", "duplicate_resumed"):
-                self.counters.rows_resumed += 1
-            elif claim == "duplicate":
-                reason = f"duplicate id {record.id!r}: an earlier row has it; kept under its position id"
-                await self._emit(error_row(self.pipeline, record.pos_id, ERROR, reason))
-            elif record.row is None:
-                await self._emit(error_row(self.pipeline, record.id, record.status or ERROR, record.reason or ""))
-            else:
-                assert self.slots is not None
-                await self.slots.acquire()
-                self.in_flight[record.id] = Flight(record.row, 0, 0.0, admitted=time.monotonic())
-                self._spawn(self._deliver(record.id))
+    async def _read(self, run: UnitRun) -> None:
+        slots = self._ensure_started()
+        records = read_unit(self.in_fs, run.unit, self.spec.io)
+        index = 0
+        while batch := await asyncio.to_thread(_take, records, _READ_BATCH):
+            for record in batch:
+                run.counts["rows_in"] += 1
+                if record.id in run.seen:
+                    reason = (
+                        f"duplicate id {record.id!r}: an earlier row of this unit has it; kept under its position id"
+                    )
+                    self._emit(run, error_row(self.pipeline, record.pos_id, ERROR, reason))
+                    continue
+                run.seen.add(record.id)
+                if record.row is None:
+                    self._emit(run, error_row(self.pipeline, record.id, record.status or ERROR, record.reason or ""))
+                    continue
+                await slots.acquire()
+                key = f"{run.attempt}/{index}"
+                index += 1
+                self.in_flight[key] = Flight(run, record.id, record.row, admitted=time.monotonic())
+                run.outstanding += 1
+                self._spawn(self._deliver(key))
+        run.reading = False
+        run.seen.clear()
+        run.wake.set()
+
+    async def _write(self, run: UnitRun) -> None:
+        """Write parts as rows come back: every `part_rows` rows, every `flush_interval_s`, and at the end."""
+        io_spec = self.spec.io
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(run.wake.wait(), io_spec.flush_interval_s)
+            run.wake.clear()
+            if self.fatal is not None:
+                raise RuntimeError(f"driver {self.partition}: background task failed: {self.fatal!r}")
+            drained = run.drained
+            while len(run.buffer) >= io_spec.part_rows or (run.buffer and drained):
+                await self._flush(run, min(len(run.buffer), io_spec.part_rows))
+            if drained and not run.buffer:
+                return
+
+    async def _flush(self, run: UnitRun, n: int) -> None:
+        """Write the first `n` buffered rows as a part; they leave the buffer only once it is written."""
+        rows = run.buffer[:n]
+        table = to_table(rows, self.pipeline.schema)
+        name = f"part-{run.unit.uid}-{run.attempt}-{len(run.parts):05d}.parquet"
+        await asyncio.to_thread(self.store.write_part, name, table)
+        del run.buffer[:n]
+        run.parts.append({"name": name, "rows": table.num_rows})
+
+    def _commit(self, run: UnitRun) -> dict[str, Any]:
+        counts = run.counts
+        written = sum(p["rows"] for p in run.parts)
+        if written != counts["rows_in"]:
+            raise RuntimeError(f"unit {run.unit.key}: {counts['rows_in']} rows read but {written} written")
+        check_generation(self.store, self.generation)
+        record = {
+            "unit_id": run.unit.uid,
+            "unit": run.unit.key,
+            "attempt": run.attempt,
+            "generation": self.generation,
+            "committed_at": time.time(),
+            **{k: counts[k] for k in ("rows_in", "rows_ok", "rows_filtered", "rows_error")},
+            "rows_redelivered": counts["rows_redelivered"],
+            "prompt_tokens": counts["prompt_tokens"],
+            "completion_tokens": counts["completion_tokens"],
+            "reasons": dict(run.reasons.most_common(_TOP_REASONS)),
+            "parts": run.parts,
+        }
+        held = self.store.commit_unit(record)
+        if held["attempt"] != run.attempt:  # another attempt committed first: ours are orphans
+            self.store.fs.rm([self.store.path(p["name"]) for p in run.parts])
+        return held
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _deliver(self, row_id: str) -> None:
+    # -- rows --------------------------------------------------------------------------------------
+    async def _deliver(self, key: str) -> None:
         """(Re)deliver a row to the first role its orchestrator names."""
-        flight = self.in_flight.get(row_id)
+        flight = self.in_flight.get(key)
         if flight is None:
             return
         flight.delivery += 1
-        flight.deadline = time.monotonic() + self.spec.orchestrator.row_deadline_s
-        flight.acked, flight.misses = False, 0
+        flight.deadline = time.time() + self.spec.orchestrator.row_deadline_s
+        flight.acked = False
         msg = self.pipeline.orchestrator(
-            id=row_id,
+            id=flight.row_id,
             partition=self.partition,
             delivery=flight.delivery,
             deadline=flight.deadline,
             row=flight.row,
+            key=key,
         )
         first = msg.route(None)
         if first is None:
-            await self.complete(output_row(self.pipeline, msg), flight.delivery)
+            self._done(key, output_row(self.pipeline, msg))
             return
         msg.next_role = first
         msg.offload(self.spec.orchestrator.offload_bytes)
@@ -151,134 +245,120 @@ class PartitionDriver:
         try:
             await hand_off(self.peers, first, msg)
         except RuntimeError as exc:
-            await self._fail_or_redeliver(row_id, str(exc))
+            self._fail_or_redeliver(key, str(exc))
             return
-        if (current := self.in_flight.get(row_id)) is not None and current.delivery == delivery:
+        if (current := self.in_flight.get(key)) is not None and current.delivery == delivery:
             current.acked = True
 
-    # -- results ---------------------------------------------------------------------------------
-    async def complete_many(self, results: list[tuple[dict[str, Any], int]]) -> None:
-        """Finished rows from an agent, each with the delivery it came from."""
-        for row, delivery in results:
-            await self.complete(row, delivery)
+    async def reports(self, items: list[Report]) -> None:
+        """Finished and lost rows from agents."""
+        for kind, key, delivery, payload in items:
+            if kind == "done":
+                self._done(key, payload)
+            elif (flight := self.in_flight.get(key)) is not None and flight.delivery == delivery:
+                self._fail_or_redeliver(key, payload)
 
-    async def complete(self, row: dict[str, Any], delivery: int) -> None:
-        """A finished row from an agent: commit the first result of each id, drop later ones."""
-        flight = self.in_flight.pop(row["id"], None)
+    def _done(self, key: str, row: dict[str, Any]) -> None:
+        """Keep the first result of a row; later ones (from superseded deliveries) are dropped."""
+        flight = self.in_flight.pop(key, None)
         if flight is None:
-            self.counters.results_dropped += 1
+            self.totals["results_dropped"] += 1
             return
-        assert self.slots is not None
-        self.slots.release()
+        self.slots.release()  # type: ignore[union-attr]
         row["latency_s"] = round(time.monotonic() - flight.admitted, 4)
-        await self._emit(row)
+        run = flight.unit
+        run.outstanding -= 1
+        self._emit(run, row)
 
-    async def _emit(self, row: dict[str, Any]) -> None:
-        self.buffer.append(row)
-        self._count(row)
-        if len(self.buffer) >= self.spec.io.part_rows:
-            await self._flush()
-        if not self.reading and not self.in_flight and self.idle is not None:
-            self.idle.set()
-
-    async def _flush(self) -> None:
-        async with self.flush_lock:
-            rows, self.buffer = self.buffer, []
-            if not rows:
-                return
-            table = pa.Table.from_pylist(rows, schema=self.pipeline.schema)
-            name = f"part-{self.partition:04d}-{self.run_token}-{next(self.seq):05d}.parquet"
-            await asyncio.to_thread(self.store.write_part, name, table)
-            self.counters.parts += 1
-
-    def _count(self, row: dict[str, Any]) -> None:
-        c = self.counters
+    def _emit(self, run: UnitRun, row: dict[str, Any]) -> None:
+        run.buffer.append(row)
         status = row["status"]
-        if status == "ok":
-            c.rows_ok += 1
-        elif status == "filtered":
-            c.rows_filtered += 1
-        else:
-            c.rows_error += 1
+        column = {"ok": "rows_ok", "filtered": "rows_filtered"}.get(status, "rows_error")
         prompt, completion = row["prompt_tokens"] or 0, row["completion_tokens"] or 0
-        c.prompt_tokens += prompt
-        c.completion_tokens += completion
+        for counter in (run.counts, self.totals):
+            counter[column] += 1
+            counter["prompt_tokens"] += prompt
+            counter["completion_tokens"] += completion
+        if status != "ok" and row.get("error"):
+            run.reasons[reason_key(str(row["error"]))] += 1
         self.metrics.rows.inc(1, {"status": status})
         if prompt:
             self.metrics.prompt_tokens.inc(prompt)
         if completion:
             self.metrics.completion_tokens.inc(completion)
+        if len(run.buffer) >= self.spec.io.part_rows or run.drained:
+            run.wake.set()
 
-    async def _flusher(self) -> None:
-        while True:
-            await asyncio.sleep(self.spec.io.flush_interval_s)
-            await self._flush()
-
-    # -- watching --------------------------------------------------------------------------------
-    async def _watchdog(self) -> None:
-        while True:
-            await asyncio.sleep(self.spec.orchestrator.audit_interval_s)
-            self.metrics.in_flight.set(len(self.in_flight), {"partition": str(self.partition)})
-            now = time.monotonic()
-            for row_id, flight in list(self.in_flight.items()):
-                if flight.acked and now > flight.deadline:
-                    await self._fail_or_redeliver(
-                        row_id, f"no result within row_deadline_s={self.spec.orchestrator.row_deadline_s:g}s"
-                    )
-            await self._audit()
-
-    async def _audit(self) -> None:
-        held: set[tuple[str, int]] = set()
-        timeout = max(self.spec.orchestrator.audit_interval_s * 5, 10.0)
-
-        async def ask(agent: Any) -> None:
-            try:
-                rows = await asyncio.wait_for(agent.held_rows.remote(self.partition), timeout)
-            except Exception:  # dead or restarting: it holds nothing we can count on
-                return
-            held.update(rows)
-
-        await asyncio.gather(*(ask(a) for a in self.peers.all_agents()))
-        for row_id, flight in list(self.in_flight.items()):
-            if not flight.acked:
-                continue
-            if (row_id, flight.delivery) in held:
-                flight.misses = 0
-                continue
-            flight.misses += 1
-            if flight.misses >= _AUDIT_MISSES:
-                await self._fail_or_redeliver(row_id, "row lost with an agent")
-
-    async def _fail_or_redeliver(self, row_id: str, reason: str) -> None:
-        flight = self.in_flight.get(row_id)
+    def _fail_or_redeliver(self, key: str, reason: str) -> None:
+        flight = self.in_flight.get(key)
         if flight is None:
             return
         if flight.delivery >= self.spec.orchestrator.max_deliveries:
-            row = error_row(
-                self.pipeline, row_id, ERROR, f"{reason}; gave up after {flight.delivery} deliveries", flight.delivery
-            )
-            await self.complete(row, flight.delivery)
+            reason = f"{reason}; gave up after {flight.delivery} deliveries"
+            self._done(key, error_row(self.pipeline, flight.row_id, ERROR, reason, flight.delivery))
             return
-        self.counters.rows_redelivered += 1
+        flight.unit.counts["rows_redelivered"] += 1
+        self.totals["rows_redelivered"] += 1
         self.metrics.redelivered.inc()
         flight.acked = False
-        self._spawn(self._deliver(row_id))
+        self._spawn(self._deliver(key))
+
+    # -- watching ----------------------------------------------------------------------------------
+    async def agent_lost(self, agent_name: str) -> None:
+        """The job's supervisor saw an agent die or restart: look for rows lost with it."""
+        self.audit_wanted = True
+
+    async def _watch(self) -> None:
+        orchestrator = self.spec.orchestrator
+        while True:
+            await asyncio.sleep(min(orchestrator.audit_interval_s, 1.0))
+            self.metrics.in_flight.set(len(self.in_flight), {"partition": str(self.partition)})
+            now = time.time()
+            for key, flight in list(self.in_flight.items()):
+                if flight.acked and now > flight.deadline:
+                    self._fail_or_redeliver(key, f"no result within row_deadline_s={orchestrator.row_deadline_s:g}s")
+            if self.audit_wanted and self.in_flight:
+                self.audit_wanted = not await self._audit()
+
+    async def _snapshot(self) -> set[tuple[str, int]] | None:
+        """Rows of this partition every agent holds; None when some agent did not answer."""
+        timeout = max(self.spec.orchestrator.audit_interval_s * 5, 10.0)
+        refs = [agent.held_rows.remote(self.partition) for agent in self.peers.all_agents()]
+        try:
+            answers = await asyncio.wait_for(asyncio.gather(*refs), timeout)
+        except Exception:  # an agent restarting, or on a node being declared dead: decide later
+            return None
+        return {tuple(item) for answer in answers for item in answer}  # type: ignore[misc]
+
+    async def _audit(self) -> bool:
+        """Deliver again the rows held nowhere in two snapshots; False when inconclusive."""
+        before = {key: f.delivery for key, f in self.in_flight.items() if f.acked}
+        first = await self._snapshot()
+        if first is None:
+            return False
+        await asyncio.sleep(_AUDIT_GAP_S)
+        second = await self._snapshot()
+        if second is None:
+            return False
+        for key, delivery in before.items():
+            flight = self.in_flight.get(key)
+            if flight is None or flight.delivery != delivery or not flight.acked:
+                continue
+            if (key, delivery) not in first and (key, delivery) not in second:
+                self._fail_or_redeliver(key, "row lost with an agent")
+        return True
 
     def stats(self) -> dict[str, Any]:
-        c = self.counters
+        t = self.totals
         return {
             "partition": self.partition,
-            "rows_in": c.rows_in,
-            "rows_ok": c.rows_ok,
-            "rows_filtered": c.rows_filtered,
-            "rows_error": c.rows_error,
-            "rows_resumed": c.rows_resumed,
-            "rows_redelivered": c.rows_redelivered,
-            "results_dropped": c.results_dropped,
-            "rows_buffered": len(self.buffer),
+            "rows_ok": t["rows_ok"],
+            "rows_filtered": t["rows_filtered"],
+            "rows_error": t["rows_error"],
+            "rows_redelivered": t["rows_redelivered"],
+            "results_dropped": t["results_dropped"],
             "in_flight": len(self.in_flight),
-            "prompt_tokens": c.prompt_tokens,
-            "completion_tokens": c.completion_tokens,
-            "parts": c.parts,
-            "reading": self.reading,
+            "open_units": len(self.units),
+            "prompt_tokens": t["prompt_tokens"],
+            "completion_tokens": t["completion_tokens"],
         }

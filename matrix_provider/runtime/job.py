@@ -1,8 +1,14 @@
-"""One run of a pipeline: check everything, start the actors, watch progress, write the manifest.
+"""One run of a pipeline: check everything, take the output, hand out work units, write the manifest.
 
 Used by `matrix run` on a laptop and as the entrypoint of the Ray job the Airflow operator
 submits. All checks that can fail on user input (spec, input, output, LLM backend) run before any
-row is admitted, and raise `UsageError` subclasses with one clear message.
+row is admitted, and raise `USAGE_ERRORS` with one clear message.
+
+The job process is the run's supervisor, outside the rows' path: it hands units to drivers (a
+few ahead each, so no driver waits between units), hands a dead driver's units to the others,
+pings every agent each `orchestrator.audit_interval_s` and tells the drivers when one died or
+restarted, and writes `_SUCCESS` only when every unit of the input is committed. Its state is
+the list of units and their commit records: nothing grows with the number of rows.
 """
 
 from __future__ import annotations
@@ -11,9 +17,11 @@ import collections
 import hashlib
 import json
 import os
-import re
+import posixpath
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import ray
@@ -23,15 +31,18 @@ from matrix_provider.llm import backends
 from matrix_provider.runtime import names
 from matrix_provider.runtime.agents import Agent
 from matrix_provider.runtime.driver import PartitionDriver
-from matrix_provider.runtime.ledger import IdLedger
+from matrix_provider.runtime.lease import Lease, StaleRun
 from matrix_provider.runtime.pipeline import Pipeline, load_pipeline
 from matrix_provider.runtime.progress import Reporter, print_summary
 from matrix_provider.runtime.sink import OutputError, OutputStore
-from matrix_provider.runtime.sources import InputError, list_inputs, plan
+from matrix_provider.runtime.sources import InputError, Split, list_inputs, open_fs, plan_units, split_size
 from matrix_provider.runtime.spec import PipelineSpec, SpecError
 
 USAGE_ERRORS = (SpecError, InputError, OutputError, backends.BackendError)
 _POLL_S = 0.5
+_UNITS_AHEAD = 2  # units handed to a driver before its first is done: reading overlaps the tail
+_UNIT_ATTEMPTS = 3  # a unit whose driver died or failed is handed out again, this many times in all
+_BIG = 100_000  # async actors: concurrency is bounded by credits and worker counts, not by Ray
 FORWARDED_ENV = frozenset(
     {
         "AWS_ACCESS_KEY_ID",
@@ -43,7 +54,6 @@ FORWARDED_ENV = frozenset(
         "MATRIX_SERVE_PORT",
     }
 )
-_REASON_DETAIL = re.compile(r"\s*\([^)]*\)")  # "too short (12 words)" counts as "too short"
 
 
 class RunFailed(RuntimeError):
@@ -94,27 +104,93 @@ def backend_app_suffix(spec: PipelineSpec) -> str:
     return hashlib.sha256((served + __version__).encode()).hexdigest()[:8]
 
 
+def check_output_location(spec: PipelineSpec, store: OutputStore) -> None:
+    """Refuse an output inside the input: the next run would read its own output back."""
+    in_fs, in_root = open_fs(spec.run.input, spec.io.storage_options)
+    if type(in_fs) is not type(store.fs):
+        return
+    base = in_root.split("*", 1)[0].rsplit("/", 1)[0] if any(ch in in_root for ch in "*?[") else in_root
+    base, out = posixpath.normpath(base), posixpath.normpath(store.root)
+    if out == base or out.startswith(base.rstrip("/") + "/"):
+        raise OutputError(
+            f"output {spec.run.output!r} is inside input {spec.run.input!r}: a later run would read the output "
+            "back as input; choose an output outside the input"
+        )
+
+
+def check_cluster_storage(store: OutputStore) -> None:
+    """A local output on a multi-node cluster would be split over the nodes' disks: refuse it."""
+    nodes = [node for node in ray.nodes() if node.get("Alive")]
+    if store.local and len(nodes) > 1:
+        raise OutputError(
+            f"output {store.uri!r} is a local path, but the Ray cluster has {len(nodes)} nodes and each would "
+            "write its own disk: use shared object storage, e.g. --output s3://bucket/path"
+        )
+
+
 def run(spec: PipelineSpec, *, quiet: bool = False) -> dict[str, Any]:
     started = time.time()
     pipeline = check_pipeline(spec)
     fs, files = list_inputs(spec.run.input, spec.io)
-    store = OutputStore(spec.run.output, spec.io.storage_options)
+    store = OutputStore(spec.run.output, spec.io.storage_options, spec.io.write_retries)
+    check_output_location(spec, store)
     store.check_writable()
     config_hash = spec.config_hash()
-    store.claim(
-        {
-            "pipeline": pipeline.name,
-            "config_hash": config_hash,
-            "version": __version__,
-            "spec": spec.model_dump(mode="json", exclude={"run"}),
-        },
-        spec.run.overwrite,
-    )
-    committed = store.committed_ids()
+    run_id = uuid.uuid4().hex[:8]
+    with Lease(store, run_id) as lease:
+        meta = store.claim(
+            {
+                "pipeline": pipeline.name,
+                "config_hash": config_hash,
+                "version": __version__,
+                "split_bytes": split_size(files, spec.io, spec.run.partitions),
+                "spec": spec.model_dump(mode="json", exclude={"run"}),
+            },
+            spec.run.overwrite,
+        )
+        units = plan_units(fs, files, meta["split_bytes"])
+        records = store.commit_records()
+        resumed = {u.uid for u in units if u.uid in records}
+        todo = [u for u in units if u.uid not in records]
+        extra: dict[str, Any] = {}
+        if todo:
+            extra = _run_units(spec, pipeline, store, run_id, lease, todo, records, quiet)
+        if lease.lost:
+            raise RunFailed(lease.lost)
+        manifest = summarize(spec, pipeline, units, records, resumed)
+        manifest.update(extra)
+        manifest["orphan_parts_removed"] = store.remove_orphans(list(records.values()))
+        manifest.update(wall_seconds=round(time.time() - started, 3), config_hash=config_hash, run_id=run_id)
+        manifest["tokens_per_s"] = round(manifest.pop("run_tokens") / max(manifest["wall_seconds"], 1e-9), 2)
+        store.finish(manifest)
+    if not quiet:
+        print_summary(manifest)
+    return manifest
 
+
+@contextmanager
+def _ray_session() -> Iterator[None]:
     started_ray = connect_ray()
-    actors: list[Any] = []
     try:
+        yield
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def _run_units(
+    spec: PipelineSpec,
+    pipeline: Pipeline,
+    store: OutputStore,
+    run_id: str,
+    lease: Lease,
+    todo: list[Split],
+    records: dict[str, dict[str, Any]],
+    quiet: bool,
+) -> dict[str, Any]:
+    """Start the actors, run every unit of `todo` into `records`; returns this run's own figures."""
+    with _ray_session():
+        check_cluster_storage(store)
         client_config = None
         if any(role.uses_llm for role in pipeline.roles.values()):
             llm = spec.llm
@@ -122,118 +198,225 @@ def run(spec: PipelineSpec, *, quiet: bool = False) -> dict[str, Any]:
                 llm = llm.model_copy(update={"app_name": f"matrix-{llm.backend}-{backend_app_suffix(spec)}"})
             client_config = backends.deploy(llm)
             backends.probe(client_config)
-        manifest = _execute(spec, pipeline, fs, files, store, committed, client_config, actors, quiet)
-    finally:
-        for actor in actors:
-            ray.kill(actor, no_restart=True)
-        if started_ray:
-            ray.shutdown()
-    manifest.update(wall_seconds=round(time.time() - started, 3), config_hash=config_hash)
-    manifest["tokens_per_s"] = round(manifest.pop("run_tokens") / max(manifest["wall_seconds"], 1e-9), 2)
-    store.finish(manifest)
-    if not quiet:
-        print_summary(manifest)
-    return manifest
+        agents: dict[str, Any] = {}
+        drivers: list[Any] = []
+        try:
+            _start_actors(spec, run_id, lease.generation, client_config, agents, drivers)
+            resumed_rows = sum(r["rows_in"] for r in records.values())
+            UnitScheduler(spec, drivers, agents, lease, quiet, resumed_rows).run(todo, records)
+            return _agent_figures(list(agents.values()))
+        finally:
+            for actor in [*drivers, *agents.values()]:
+                ray.kill(actor, no_restart=True)
 
 
-def _execute(
-    spec: PipelineSpec,
-    pipeline: Pipeline,
-    fs: Any,
-    files: list[Any],
-    store: OutputStore,
-    committed: list[str],
-    client_config: Any,
-    actors: list[Any],
-    quiet: bool,
-) -> dict[str, Any]:
-    run_id = uuid.uuid4().hex[:8]
-    run_token = time.strftime("%Y%m%dT%H%M%S") + "-" + run_id
+def _start_actors(
+    spec: PipelineSpec, run_id: str, generation: int, client_config: Any, agents: dict[str, Any], drivers: list[Any]
+) -> None:
+    """Agents and drivers, spread over the cluster's nodes.
+
+    Ray starts worker processes about in the order actors are created, a few at a time: one replica
+    of every role and the drivers come first, so rows flow while further replicas start.
+    """
     spec_json = spec.model_dump_json()
-    big = 100_000  # async actors: concurrency is bounded by our own queues and semaphores
-    actors.append(IdLedger.options(name=names.ledger_name(run_id), namespace=names.NAMESPACE).remote(committed))
 
-    def agent(role: str, i: int) -> Any:
+    def agent(role: str, i: int) -> None:
         role_spec = spec.roles[role]
-        return Agent.options(
-            name=names.agent_name(run_id, role, i),
+        name = names.agent_name(run_id, role, i)
+        agents[name] = Agent.options(
+            name=name,
             namespace=names.NAMESPACE,
             num_cpus=role_spec.num_cpus,
             num_gpus=role_spec.num_gpus,
             resources=role_spec.resources or None,
-            max_concurrency=big,
+            max_concurrency=_BIG,
+            scheduling_strategy="SPREAD",
         ).remote(run_id, role, spec_json, client_config)
 
-    # Ray starts worker processes about in the order actors are created, a few at a time. One
-    # replica of every role and the drivers come first, so rows flow while further replicas start.
-    agents = [agent(role, 0) for role in spec.roles]
-    actors.extend(agents)
-    shards = plan(fs, files, spec.io, spec.run.partitions)
-    drivers = []
-    for p, shard in enumerate(shards):
-        driver = PartitionDriver.options(
-            name=names.driver_name(run_id, p),
-            namespace=names.NAMESPACE,
-            num_cpus=spec.resources.driver_num_cpus,
-            max_concurrency=big,
-        ).remote(run_id, p, spec_json, shard, run_token)
-        drivers.append(driver)
-        actors.append(driver)
-    more = [agent(role, i) for role, role_spec in spec.roles.items() for i in range(1, role_spec.replicas)]
-    actors.extend(more)
-    agents += more
-    pending = [d.run.remote() for d in drivers]
-    reporter = Reporter(None, quiet=quiet)
-    try:
-        while True:
-            done, _ = ray.wait(pending, num_returns=len(pending), timeout=_POLL_S)
-            stats = ray.get([d.stats.remote() for d in drivers])
-            totals = {k: sum(s[k] for s in stats) for k in stats[0] if k != "partition"}
-            reporter.update(totals)
-            if len(done) == len(pending):
-                break
+    for role in spec.roles:
+        agent(role, 0)
+    for p in range(spec.run.partitions):
+        drivers.append(
+            PartitionDriver.options(
+                name=names.driver_name(run_id, p),
+                namespace=names.NAMESPACE,
+                num_cpus=spec.resources.driver_num_cpus,
+                max_concurrency=_BIG,
+                scheduling_strategy="SPREAD",
+            ).remote(run_id, p, spec_json, generation)
+        )
+    for role, role_spec in spec.roles.items():
+        for i in range(1, role_spec.replicas):
+            agent(role, i)
+
+
+def _agent_figures(agents: list[Any]) -> dict[str, int]:
+    figures = collections.Counter({"llm_requests": 0, "llm_retries": 0, "step_retries": 0})
+    refs = [a.stats.remote() for a in agents]
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=10)
+    for ref in ready:
         try:
-            results = ray.get(pending)
-        except ray.exceptions.RayError as exc:
-            raise RunFailed(f"a partition driver failed: {exc}") from None
-    finally:
-        reporter.close()
-    manifest = summarize(spec, pipeline, store, results)
-    agent_stats = ray.get([a.stats.remote() for a in agents])
-    for key in ("llm_requests", "llm_retries", "step_retries"):
-        manifest[key] = sum(s[key] for s in agent_stats)
-    return manifest
+            stats = ray.get(ref)
+        except ray.exceptions.RayError:  # an agent that died: its counts are gone with it
+            continue
+        for key in figures:
+            figures[key] += stats[key]
+    return dict(figures)
+
+
+class Pinger:
+    """Non-blocking calls to a set of actors: at most one call under way per actor."""
+
+    def __init__(self, actors: dict[str, Any], method: str):
+        self.actors = actors
+        self.method = method
+        self.pending: dict[str, Any] = {}
+
+    def send(self) -> None:
+        for name, actor in self.actors.items():
+            if name not in self.pending:
+                self.pending[name] = getattr(actor, self.method).remote()
+
+    def answers(self) -> dict[str, Any]:
+        """{name: value or the exception} for the calls that finished."""
+        if not self.pending:
+            return {}
+        refs = list(self.pending.values())
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        done = {name: ref for name, ref in self.pending.items() if ref in set(ready)}
+        out: dict[str, Any] = {}
+        for name, ref in done.items():
+            del self.pending[name]
+            try:
+                out[name] = ray.get(ref)
+            except ray.exceptions.RayError as exc:
+                out[name] = exc
+        return out
+
+
+class UnitScheduler:
+    """Hands units to drivers, re-queues a dead driver's units, watches agents, reports progress."""
+
+    def __init__(
+        self, spec: PipelineSpec, drivers: list[Any], agents: dict[str, Any], lease: Lease, quiet: bool, resumed: int
+    ):
+        self.spec = spec
+        self.drivers = drivers
+        self.lease = lease
+        self.resumed = resumed
+        self.reporter = Reporter(None, quiet=quiet)
+        self.incarnations: dict[str, str] = {}
+        self.agent_pings = Pinger(agents, "incarnation")
+        self.stats_pings = Pinger({str(p): d for p, d in enumerate(drivers)}, "stats")
+        self.stats: dict[str, dict[str, Any]] = {}
+        self.suspect: set[int] = set()
+        self.next_ping = 0.0
+
+    def run(self, todo: list[Split], records: dict[str, dict[str, Any]]) -> None:
+        queue = collections.deque((unit, 1) for unit in todo)
+        outstanding: dict[Any, tuple[int, Split, int]] = {}
+        load = [0] * len(self.drivers)
+        try:
+            while queue or outstanding:
+                for p, driver in enumerate(self.drivers):
+                    while queue and load[p] < _UNITS_AHEAD and p not in self.suspect:
+                        unit, attempt = queue.popleft()
+                        outstanding[driver.run_unit.remote(unit)] = (p, unit, attempt)
+                        load[p] += 1
+                ready, _ = ray.wait(list(outstanding), num_returns=1, timeout=_POLL_S) if outstanding else ([], [])
+                for ref in ready:
+                    p, unit, attempt = outstanding.pop(ref)
+                    load[p] -= 1
+                    failure = self._collect(ref, unit, records, p)
+                    if failure is not None:
+                        if attempt >= _UNIT_ATTEMPTS:
+                            raise RunFailed(f"unit {unit.key} failed {attempt} times; last: {failure}")
+                        queue.append((unit, attempt + 1))
+                if self.lease.lost:
+                    raise RunFailed(self.lease.lost)
+                self._watch()
+        finally:
+            self.reporter.close()
+
+    def _collect(self, ref: Any, unit: Split, records: dict[str, dict[str, Any]], p: int) -> str | None:
+        """Take a finished unit's record; returns why it failed, if it did."""
+        try:
+            records[unit.uid] = ray.get(ref)
+            return None
+        except ray.exceptions.RayTaskError as exc:
+            cause = exc.cause if exc.cause is not None else exc
+            if isinstance(cause, StaleRun):
+                raise RunFailed(str(cause)) from None
+            return f"driver {p}: {type(cause).__name__}: {str(cause).strip().splitlines()[-1][:300]}"
+        except ray.exceptions.RayError as exc:  # the driver died (node lost, OOM): Ray restarts it
+            self.suspect.add(p)
+            return f"driver {p} died: {type(exc).__name__}"
+
+    def _watch(self) -> None:
+        """Ping agents and drivers; an agent with a new incarnation or none makes drivers audit."""
+        now = time.monotonic()
+        if now >= self.next_ping:
+            self.next_ping = now + self.spec.orchestrator.audit_interval_s
+            self.agent_pings.send()
+        for name, answer in self.agent_pings.answers().items():
+            known = self.incarnations.get(name)
+            if isinstance(answer, str):
+                self.incarnations[name] = answer
+            if isinstance(answer, Exception) or (known is not None and answer != known):
+                for driver in self.drivers:
+                    driver.agent_lost.remote(name)
+        self.stats_pings.send()
+        for name, answer in self.stats_pings.answers().items():
+            if isinstance(answer, dict):
+                self.stats[name] = answer
+                self.suspect.discard(int(name))
+        if self.stats:
+            totals = {k: sum(s[k] for s in self.stats.values()) for k in next(iter(self.stats.values()))}
+            totals["rows_resumed"] = self.resumed
+            self.reporter.update(totals)
 
 
 def summarize(
-    spec: PipelineSpec, pipeline: Pipeline, store: OutputStore, results: list[dict[str, Any]]
+    spec: PipelineSpec,
+    pipeline: Pipeline,
+    units: list[Split],
+    records: dict[str, dict[str, Any]],
+    resumed: set[str],
 ) -> dict[str, Any]:
-    """The manifest, counted from the committed output itself (and checked for duplicate ids)."""
-    table = store.read_columns(["id", "status", "error", "prompt_tokens", "completion_tokens"])
-    ids = table.column("id").to_pylist()
-    statuses = collections.Counter(table.column("status").to_pylist())
-    duplicates = len(ids) - len(set(ids))
-    if duplicates:
-        raise RunFailed(f"output has {duplicates} duplicate ids: the sink's exactly-once check failed")
-    reasons = collections.Counter(
-        _REASON_DETAIL.sub("", reason)[:100]
-        for reason, status in zip(table.column("error").to_pylist(), table.column("status").to_pylist(), strict=True)
-        if status != "ok" and reason
-    )
+    """The manifest: the sum of the input's commit records, after checking rows out = rows in per unit."""
+    missing = [u.key for u in units if u.uid not in records]
+    if missing:
+        raise RunFailed(
+            f"{len(missing)} of {len(units)} units were not committed (e.g. {missing[:3]}); rerun to resume"
+        )
+    mine = [records[u.uid] for u in units]
+    for record in mine:
+        written = sum(part["rows"] for part in record["parts"])
+        if written != record["rows_in"]:
+            raise RunFailed(f"unit {record['unit']}: {record['rows_in']} rows in but {written} written")
+    total = collections.Counter[str]()
+    reasons = collections.Counter[str]()
+    for record in mine:
+        for key in ("rows_in", "rows_ok", "rows_filtered", "rows_error", "prompt_tokens", "completion_tokens"):
+            total[key] += record[key]
+        reasons.update(record.get("reasons", {}))
+    this_run = [records[u.uid] for u in units if u.uid not in resumed]
     return {
         "pipeline": pipeline.name,
         "input": spec.run.input,
         "output": spec.run.output,
-        "rows_in": sum(r["rows_in"] for r in results),
-        "rows_out": len(ids),
-        "rows_ok": statuses.get("ok", 0),
-        "rows_filtered": statuses.get("filtered", 0),
-        "rows_error": statuses.get("error", 0),
-        "rows_resumed": sum(r["rows_resumed"] for r in results),
-        "rows_redelivered": sum(r["rows_redelivered"] for r in results),
-        "prompt_tokens": int(sum(v or 0 for v in table.column("prompt_tokens").to_pylist())),
-        "completion_tokens": int(sum(v or 0 for v in table.column("completion_tokens").to_pylist())),
-        "run_tokens": sum(r["prompt_tokens"] + r["completion_tokens"] for r in results),
+        "units": len(units),
+        "units_resumed": len(resumed),
+        "rows_in": total["rows_in"],
+        "rows_out": sum(total[k] for k in ("rows_ok", "rows_filtered", "rows_error")),
+        "rows_ok": total["rows_ok"],
+        "rows_filtered": total["rows_filtered"],
+        "rows_error": total["rows_error"],
+        "rows_resumed": sum(records[uid]["rows_in"] for uid in resumed),
+        "rows_redelivered": sum(r.get("rows_redelivered", 0) for r in this_run),
+        "prompt_tokens": total["prompt_tokens"],
+        "completion_tokens": total["completion_tokens"],
+        "run_tokens": sum(r["prompt_tokens"] + r["completion_tokens"] for r in this_run),
         "partitions": spec.run.partitions,
         "concurrency": spec.run.concurrency,
         "llm_backend": spec.llm.backend,

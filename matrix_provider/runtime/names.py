@@ -9,7 +9,3 @@ def agent_name(run_id: str, role: str, index: int) -> str:
 
 def driver_name(run_id: str, partition: int) -> str:
     return f"matrix-{run_id}-driver-{partition}"
-
-
-def ledger_name(run_id: str) -> str:
-    return f"matrix-{run_id}-ledger"

@@ -7,12 +7,14 @@ each step and hand the message straight to a replica of the role it names.
 
 Large payloads are offloaded: after a step, `offload()` puts any field whose pickled size is above
 the threshold into Ray's object store and keeps only the reference; `materialize()` brings it back
-on the next agent. Fields change only through the setters, which mark them dirty, so an unchanged
-offloaded history is not put again.
+on the next agent. Roles may change fields any way they like (setters or in place: `msg.row[k] = v`,
+`msg.history.append(...)`): `offload()` compares the field's pickled bytes with the digest taken
+when it was materialized and reuses the stored copy only when nothing changed, so no edit is lost.
 """
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,16 +27,17 @@ PAYLOAD_FIELDS = ("row", "history", "results")
 class Offloaded:
     """A payload that lives in the object store."""
 
-    ref: Any
+    ref: Any  # ObjectRef of the pickled bytes
     nbytes: int
+    digest: bytes
 
 
 @dataclass
 class Orchestrator:
-    id: str
-    partition: int
-    delivery: int
-    deadline: float
+    id: str  # the row's id (its id field, else its position in the input)
+    partition: int  # index of the driver that admitted the row and takes its result
+    delivery: int  # 1 for the first delivery, +1 for each re-delivery
+    deadline: float  # wall-clock time (time.time()) after which agents drop this delivery
     row: Any
     history: Any = field(default_factory=list)
     results: Any = field(default_factory=dict)
@@ -43,7 +46,7 @@ class Orchestrator:
     error: str | None = None
     usage: dict[str, int] = field(default_factory=lambda: {"prompt_tokens": 0, "completion_tokens": 0})
     hops: int = 0
-    _dirty: set[str] = field(default_factory=set, repr=False)
+    key: str = ""  # the driver's handle of this row (unique per unit attempt and position)
 
     # -- routing (pipelines override) ---------------------------------------------------------
     def route(self, done: str | None) -> str | None:
@@ -64,12 +67,10 @@ class Orchestrator:
     def set_result(self, role: str, value: Any) -> None:
         self._require_local("results")
         self.results[role] = value
-        self._dirty.add("results")
 
     def add_turn(self, role: str, content: str, **extra: Any) -> None:
         self._require_local("history")
         self.history.append({"role": role, "content": content, **extra})
-        self._dirty.add("history")
 
     def add_usage(self, prompt_tokens: int, completion_tokens: int) -> None:
         self.usage["prompt_tokens"] += prompt_tokens
@@ -81,34 +82,40 @@ class Orchestrator:
 
     # -- offloading -----------------------------------------------------------------------------
     def offload(self, threshold: int) -> None:
-        """Move payload fields above `threshold` pickled bytes to the object store."""
+        """Move payload fields above `threshold` pickled bytes to the object store.
+
+        A field whose bytes equal those it was materialized from travels on as the same reference.
+        """
         if threshold <= 0:
             return
         import ray
 
+        cached: dict[str, Offloaded] = self.__dict__.get("_refs", {})
         for name in PAYLOAD_FIELDS:
             value = getattr(self, name)
             if isinstance(value, Offloaded):
                 continue
-            cached = self._offloaded_copy(name)
-            if cached is not None and name not in self._dirty:
-                setattr(self, name, cached)
+            data = pickle.dumps(value, protocol=5)
+            if len(data) <= threshold:
                 continue
-            nbytes = len(pickle.dumps(value, protocol=5))
-            if nbytes > threshold:
-                setattr(self, name, Offloaded(ray.put(value), nbytes))
-        self._dirty.clear()
+            digest = hashlib.blake2b(data, digest_size=16).digest()
+            previous = cached.get(name)
+            if previous is not None and previous.digest == digest:
+                setattr(self, name, previous)
+            else:
+                setattr(self, name, Offloaded(ray.put(data), len(data), digest))
 
     async def materialize(self) -> None:
         """Fetch offloaded fields, remembering their references for an unchanged re-offload."""
+        refs = self.__dict__.setdefault("_refs", {})
         for name in PAYLOAD_FIELDS:
             value = getattr(self, name)
             if isinstance(value, Offloaded):
-                setattr(self, name, await value.ref)
-                self.__dict__.setdefault("_refs", {})[name] = value
-        self._dirty.clear()
+                setattr(self, name, pickle.loads(await value.ref))
+                refs[name] = value
 
-    def _offloaded_copy(self, name: str) -> Offloaded | None:
+    def offloaded_ref(self, name: str) -> Offloaded | None:
+        """The stored copy `name` was materialized from, if any."""
         return self.__dict__.get("_refs", {}).get(name)
 
     def __getstate__(self) -> dict[str, Any]:

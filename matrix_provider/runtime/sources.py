@@ -1,18 +1,26 @@
-"""Input: JSONL (plain, .gz, .zst) and Parquet through fsspec, streamed, split into shards.
+"""Input: JSONL (plain, .gz, .zst) and Parquet through fsspec, streamed, cut into work units.
 
-A shard is a file, or a byte range of a large plain JSONL file, or a range of row groups of a large
-Parquet file. Every record gets a position id (`<file>@<byte>`, `<file>:<line>` or `<file>#<row>`,
-with the file relative to the input root so a local copy and an S3 copy give the same ids); its
-id is the row's id field when present, else the position id. Bad lines become error records with
-the reason instead of stopping the run.
+A unit is a file, or a byte range of a large plain JSONL file, or a range of row groups of a large
+Parquet file; it is what the sink commits as a whole. Units depend only on the input files and
+the split size fixed at an output's first run, never on the partition count, so a resume with
+other settings sees the same units. Every record gets a position id (`<file>@<byte>`,
+`<file>:<line>` or `<file>#<row>`, the file relative to the input root so a local copy and an S3
+copy give the same ids); its id is the row's id field when present, else the position id.
+
+Bad input never stops a run: a bad line becomes an error record with the reason, and a file that
+is truncated, corrupt or vanishes yields the records read before the fault plus one error record
+for the rest. Paths with a component starting with `_` or `.` (Spark's `_temporary/`, Delta's
+`_delta_log/`, `.crc` files, our own `_commits/`) are not input, as in Hadoop and Arrow.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import json
 import posixpath
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +34,10 @@ from matrix_provider.runtime.spec import IOSpec
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 _MIN_SPLIT_BYTES = 64 << 10
+# A JSON escape of a UTF-16 surrogate (\ud800-\udfff); json.loads joins valid pairs, so any
+# surrogate left after loading is a lone one, which no UTF-8 writer accepts.
+_SURROGATE_ESCAPE = re.compile(rb"\\[uU][dD][89a-fA-F]")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class InputError(ValueError):
@@ -34,12 +46,24 @@ class InputError(ValueError):
 
 @dataclass(frozen=True)
 class Split:
+    """A unit of work: a whole file, or a byte / row-group range of one."""
+
     path: str
     name: str  # relative to the input root
     kind: str  # "jsonl", "jsonl.gz", "jsonl.zst", "parquet"
     start: int = 0  # byte offset (plain JSONL) or first row group (Parquet)
     end: int | None = None
     size: int = 0
+
+    @property
+    def key(self) -> str:
+        """Readable identity of the unit: file, then range."""
+        return self.name if self.end is None and self.start == 0 else f"{self.name}[{self.start}:{self.end}]"
+
+    @property
+    def uid(self) -> str:
+        """Short stable id (commit record and part file names)."""
+        return hashlib.sha1(self.key.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 @dataclass
@@ -66,15 +90,20 @@ def _kind(path: str) -> str | None:
     return None
 
 
+def is_hidden(relpath: str) -> bool:
+    """Hadoop's and Arrow's rule: a path component starting with `_` or `.` is not data."""
+    return any(part.startswith(("_", ".")) for part in relpath.split("/") if part not in ("", "."))
+
+
 def list_inputs(uri: str, io_spec: IOSpec) -> tuple[fsspec.AbstractFileSystem, list[Split]]:
     """All input files as whole-file splits, sorted by name; raises InputError when there are none."""
     try:
         fs, root = open_fs(uri, io_spec.storage_options)
         if any(ch in root for ch in "*?["):
-            paths = sorted(fs.glob(root))
             base = root.split("*", 1)[0].rsplit("/", 1)[0]
+            paths = sorted(p for p in fs.glob(root) if not is_hidden(posixpath.relpath(p, base)))
         elif fs.isdir(root):
-            paths = sorted(p for p in fs.find(root) if not posixpath.basename(p).startswith(("_", ".")))
+            paths = sorted(p for p in fs.find(root) if not is_hidden(posixpath.relpath(p, root)))
             base = root
         elif fs.exists(root):
             paths, base = [root], posixpath.dirname(root)
@@ -102,49 +131,59 @@ def list_inputs(uri: str, io_spec: IOSpec) -> tuple[fsspec.AbstractFileSystem, l
     return fs, splits
 
 
-def plan(fs: fsspec.AbstractFileSystem, files: list[Split], io_spec: IOSpec, partitions: int) -> list[list[Split]]:
-    """Cut large files into ranges, then deal the splits to partitions, biggest first, least loaded.
-
-    Ranges are at most `io.split_bytes`, and smaller when that is what it takes to give every
-    partition work (a single 5 MB file over 4 partitions is cut in 4), down to 64 KiB.
-    """
+def split_size(files: list[Split], io_spec: IOSpec, partitions: int) -> int:
+    """The unit size for an output's first run: at most `io.split_bytes`, smaller when that is what it
+    takes to give every partition work (a single 5 MB file over 4 partitions is cut in 4), down to
+    64 KiB. The sink records it, so later runs cut the same units whatever their partition count."""
     splittable = sum(f.size for f in files if f.kind in ("jsonl", "parquet"))
-    split_bytes = min(io_spec.split_bytes, max(_MIN_SPLIT_BYTES, -(-splittable // partitions)))
-    splits: list[Split] = []
+    return min(io_spec.split_bytes, max(_MIN_SPLIT_BYTES, -(-splittable // partitions)))
+
+
+def plan_units(fs: fsspec.AbstractFileSystem, files: list[Split], split_bytes: int) -> list[Split]:
+    """Cut large plain JSONL files into byte ranges and large Parquet files into row-group ranges."""
+    units: list[Split] = []
     for f in files:
         if f.kind == "jsonl" and f.size > split_bytes:
             for start in range(0, f.size, split_bytes):
-                splits.append(
-                    Split(
-                        f.path,
-                        f.name,
-                        f.kind,
-                        start,
-                        min(start + split_bytes, f.size),
-                        min(split_bytes, f.size - start),
-                    )
-                )
+                end = min(start + split_bytes, f.size)
+                units.append(Split(f.path, f.name, f.kind, start, end, end - start))
         elif f.kind == "parquet" and f.size > split_bytes:
-            with fs.open(f.path, "rb") as handle:
-                meta = pq.ParquetFile(handle).metadata
-            groups = [meta.row_group(i).total_byte_size for i in range(meta.num_row_groups)]
-            start, acc = 0, 0
-            for i, nbytes in enumerate(groups):
-                acc += nbytes
-                if acc >= split_bytes or i == len(groups) - 1:
-                    splits.append(Split(f.path, f.name, f.kind, start, i + 1, acc))
-                    start, acc = i + 1, 0
+            units.extend(_row_group_ranges(fs, f, split_bytes))
         else:
-            splits.append(f)
-    shards: list[list[Split]] = [[] for _ in range(partitions)]
-    loads = [0] * partitions
-    for split in sorted(splits, key=lambda s: (-s.size, s.name, s.start)):
-        target = loads.index(min(loads))
-        shards[target].append(split)
-        loads[target] += max(split.size, 1)
-    for shard in shards:
-        shard.sort(key=lambda s: (s.name, s.start))
-    return shards
+            units.append(f)
+    return units
+
+
+def _row_group_ranges(fs: fsspec.AbstractFileSystem, f: Split, split_bytes: int) -> list[Split]:
+    try:
+        with fs.open(f.path, "rb") as handle:
+            meta = pq.ParquetFile(handle).metadata
+    except Exception:  # a corrupt footer: one unit, whose reading reports the fault as an error row
+        return [f]
+    ranges, start, acc = [], 0, 0
+    for i in range(meta.num_row_groups):
+        acc += meta.row_group(i).total_byte_size
+        if acc >= split_bytes or i == meta.num_row_groups - 1:
+            ranges.append(Split(f.path, f.name, f.kind, start, i + 1, acc))
+            start, acc = i + 1, 0
+    return ranges or [f]
+
+
+def read_unit(fs: fsspec.AbstractFileSystem, unit: Split, io_spec: IOSpec) -> Iterator[Record]:
+    """The unit's records; a fault while reading ends it with one error record naming where."""
+    last: str | None = None
+    try:
+        for record in read_split(fs, unit, io_spec):
+            last = record.pos_id
+            yield record
+    except Exception as exc:  # zstd/gzip/Arrow/fsspec raise unrelated types for one cause: a bad file
+        where = f"after {last}" if last else "before its first row"
+        pos_id = f"{unit.key}!unread"
+        reason = (
+            f"file {unit.name!r} could not be read {where}: {type(exc).__name__}: {exc}; "
+            "the rest of this unit was not processed"
+        )
+        yield Record(pos_id, pos_id, None, "error", reason)
 
 
 def read_split(fs: fsspec.AbstractFileSystem, split: Split, io_spec: IOSpec) -> Iterator[Record]:
@@ -202,9 +241,24 @@ def parse_line(line: bytes, pos_id: str, io_spec: IOSpec) -> Record:
         row = json.loads(text)
     except json.JSONDecodeError as exc:
         return Record(pos_id, pos_id, None, "error", f"malformed JSON: {exc.msg} at column {exc.colno}")
+    except RecursionError:
+        return Record(pos_id, pos_id, None, "error", "malformed JSON: nested too deeply")
     if not isinstance(row, dict):
         return Record(pos_id, pos_id, None, "error", f"JSON line is a {type(row).__name__}, not an object")
+    if _SURROGATE_ESCAPE.search(line):
+        row = replace_lone_surrogates(row)
     return check_row(row, pos_id, io_spec)
+
+
+def replace_lone_surrogates(value: Any) -> Any:
+    """Lone UTF-16 surrogates (valid JSON escapes, not valid Unicode) become U+FFFD, everywhere in a row."""
+    if isinstance(value, str):
+        return _LONE_SURROGATE.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {replace_lone_surrogates(k): replace_lone_surrogates(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [replace_lone_surrogates(v) for v in value]
+    return value
 
 
 def check_row(row: dict[str, Any], pos_id: str, io_spec: IOSpec) -> Record:

@@ -48,6 +48,7 @@ OPERATIONAL_KEYS = frozenset(
         "part_rows",
         "flush_interval_s",
         "split_bytes",
+        "write_retries",
         "storage_options",
     }
 )
@@ -82,7 +83,8 @@ class OrchestratorSpec(_Strict):
     row_deadline_s: float = Field(1800.0, gt=0, description="a row without a result by then is re-delivered")
     max_deliveries: int = Field(3, ge=1, description="deliveries of one row before it becomes an error row")
     offload_bytes: int = Field(16384, ge=0, description="payloads above this go to the object store; 0 = off")
-    audit_interval_s: float = Field(2.0, gt=0, description="how often drivers look for rows lost with an actor")
+    audit_interval_s: float = Field(2.0, gt=0, description="how often the run checks that every agent is alive")
+    max_hops: int = Field(64, ge=1, description="role steps of one row before a routing loop becomes an error row")
 
 
 class IOSpec(_Strict):
@@ -92,7 +94,12 @@ class IOSpec(_Strict):
     max_doc_bytes: int = Field(1_000_000, ge=1, description="larger documents become error rows")
     part_rows: int = Field(1000, ge=1, description="rows per committed Parquet part")
     flush_interval_s: float = Field(10.0, gt=0, description="commit a part at least this often")
-    split_bytes: int = Field(64 << 20, ge=1 << 10, description="uncompressed inputs split into ranges this big")
+    split_bytes: int = Field(
+        64 << 20,
+        ge=1 << 10,
+        description="uncompressed inputs split into units this big (fixed at an output's first run)",
+    )
+    write_retries: int = Field(6, ge=0, description="extra attempts of a part or commit write, with backoff")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options (S3 endpoint…)")
 
 
