@@ -20,7 +20,6 @@ _ACTIVE = 0.05  # a second with at least this busy share has rows flowing
 _KINDS = (
     ("agents", "ray::Agent"),
     ("drivers", "ray::PartitionDriver"),
-    ("ledger", "ray::IdLedger"),
     ("simulator", "ray::SimReplica"),
     ("ray_data", "MapWorker"),
 )

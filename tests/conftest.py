@@ -207,14 +207,25 @@ def run_matrix(
 
 
 def read_output(uri: str, storage_options: dict[str, object] | None = None) -> list[dict[str, object]]:
+    """The committed rows, as a reader should take them: the parts that commit records name."""
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
     rows: list[dict[str, object]] = []
-    for path in sorted(fs.glob(f"{root}/part-*.parquet")):
-        with fs.open(path, "rb") as handle:
-            rows.extend(pq.read_table(handle).to_pylist())
+    for record in committed_units(uri, storage_options):
+        for part in record["parts"]:
+            with fs.open(f"{root}/{part['name']}", "rb") as handle:
+                rows.extend(pq.read_table(handle).to_pylist())
     return rows
+
+
+def committed_units(uri: str, storage_options: dict[str, object] | None = None) -> list[dict[str, object]]:
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    if not fs.exists(f"{root}/_commits"):
+        return []
+    return [json.loads(fs.cat_file(path)) for path in sorted(fs.glob(f"{root}/_commits/*.json"))]
 
 
 def read_manifest(uri: str, storage_options: dict[str, object] | None = None) -> dict[str, object]:

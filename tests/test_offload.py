@@ -35,10 +35,10 @@ def test_twenty_turn_history_is_offloaded(ray_client, capsys) -> None:
     asyncio.run(msg.materialize())
     assert msg.history == _conversation().history
     # Unchanged history is not put again: the same reference travels on.
-    ref = msg._offloaded_copy("history")
+    ref = msg.offloaded_ref("history")
     msg.offload(16384)
     assert msg.history is ref
-    # A new turn marks it dirty: it is put afresh.
+    # A new turn changes its bytes: it is put afresh.
     asyncio.run(msg.materialize())
     msg.add_turn("user", "one more")
     msg.offload(16384)
@@ -50,3 +50,18 @@ def test_offloading_off_keeps_everything_inline() -> None:
     size = msg.wire_bytes()
     msg.offload(0)
     assert msg.wire_bytes() == size
+
+
+def test_in_place_edits_of_offloaded_fields_survive_the_next_hop(ray_client) -> None:
+    """Roles may edit fields in place (`msg.row[k] = v`, `msg.history.append`): no edit is lost."""
+    msg = _conversation()
+    msg.offload(16384)
+    asyncio.run(msg.materialize())
+    msg.history.append({"role": "user", "content": "appended in place"})
+    msg.row["text"] = "y" * 30000  # the row is now large too
+    msg.row["note"] = "edited in place"
+    msg.offload(16384)
+    assert isinstance(msg.history, Offloaded) and isinstance(msg.row, Offloaded)
+    asyncio.run(msg.materialize())
+    assert msg.history[-1]["content"] == "appended in place"
+    assert msg.row["note"] == "edited in place"

@@ -6,7 +6,7 @@ exchange several calls per LLM request, so at hundreds of requests per second th
 not the backend, would cap throughput. An `Outbox` gathers what is sent within `linger_s` (or
 until `max_batch` items) into one call; when no call is under way the message leaves at once, so a
 lightly loaded pipeline pays no linger. Each `put` still returns only when its batch was accepted
-and raises the batch's error, so backpressure and failure handling stay per message.
+and raises the batch's error, so failure handling stays per message.
 """
 
 from __future__ import annotations

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
 import json
 import posixpath
 import re
@@ -212,12 +211,32 @@ def _read_jsonl_range(fs: fsspec.AbstractFileSystem, split: Split, io_spec: IOSp
 
 def _read_jsonl_compressed(fs: fsspec.AbstractFileSystem, split: Split, io_spec: IOSpec) -> Iterator[Record]:
     with fs.open(split.path, "rb") as raw:
-        if split.kind == "jsonl.gz":
-            stream: Any = gzip.GzipFile(fileobj=raw)
-        else:
-            stream = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw))
-        for lineno, line in enumerate(stream, start=1):
+        lines: Any = gzip.GzipFile(fileobj=raw) if split.kind == "jsonl.gz" else _zstd_lines(raw)
+        for lineno, line in enumerate(lines, start=1):
             yield parse_line(line, f"{split.name}:{lineno}", io_spec)
+
+
+def _zstd_lines(raw: Any, chunk_bytes: int = 1 << 20) -> Iterator[bytes]:
+    """Lines of a (multi-frame) zstd stream; raises EOFError when the last frame has no end.
+
+    zstandard's stream reader ends quietly at a truncated frame, which would pass a cut file as a
+    short one; decompressobj's `eof` tells a finished frame from a cut one.
+    """
+    dctx = zstandard.ZstdDecompressor()
+    frame, fed, pending = dctx.decompressobj(), False, b""
+    while chunk := raw.read(chunk_bytes):
+        while chunk:
+            data = frame.decompress(chunk)
+            fed, chunk = True, b""
+            if frame.eof:
+                frame, fed, chunk = dctx.decompressobj(), False, frame.unused_data
+            *complete, pending = (pending + data).split(b"\n")
+            for line in complete:
+                yield line + b"\n"
+    if fed:
+        raise EOFError("zstd stream is truncated: its last frame has no end")
+    if pending:
+        yield pending
 
 
 def parse_line(line: bytes, pos_id: str, io_spec: IOSpec) -> Record:

@@ -1,0 +1,208 @@
+"""Exactly once outside the happy path: hostile input, loops, broken files, two writers on one output.
+
+Every test runs `matrix run` against the session's real Ray cluster (and SeaweedFS where S3 is
+named); CPU-only pipelines or the load simulator keep them short.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from matrix_provider.runtime.lease import LEASE_FILE, Lease, StaleRun, check_generation, read_lease
+from matrix_provider.runtime.sink import OutputError, OutputStore
+from tests.conftest import REPO, VENV_BIN, assert_exactly_once, committed_units, read_manifest, read_output, run_matrix
+from tests.corpus import doc_text, write_jsonl
+
+FAST_SIM = ["llm=sim", "llm.decode_s_per_token=0.001", "llm.output_tokens_mean=8", "llm.slots=64"]
+CORAL = str(REPO / "bench" / "coral_shaped.yaml")
+
+
+def _matrix(cluster, args: list[str], timeout: float = 300, **env: str) -> subprocess.CompletedProcess[str]:
+    return run_matrix(["run", *args, "--quiet"], {**cluster.env, "PYTHONPATH": str(REPO), **env}, timeout=timeout)
+
+
+def _ok(result: subprocess.CompletedProcess[str]) -> None:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def _write_lines(path: Path, lines: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(line + "\n" for line in lines))
+
+
+def test_hostile_corpus_comes_out_exactly_once(ray_cluster, tmp_path: Path) -> None:
+    text = doc_text(1)
+    hostile = [
+        json.dumps({"id": "num-url", "text": text, "url": 42}),
+        json.dumps({"id": "list-url", "text": text, "url": [1, "a"]}),
+        json.dumps({"id": "object-url", "text": text, "url": {"k": "v"}}),
+        # Lone surrogates are valid JSON escapes but not Unicode; json.dumps writes them as escapes.
+        json.dumps({"id": "lone-in-url", "text": text, "url": "https://x.test/\ud800"}),
+        json.dumps({"id": "lone-in-text", "text": text + " \udc00 tail", "url": "https://x.test/t"}),
+        json.dumps({"id": "lone-\ud83d-in-id", "text": text}),
+        json.dumps({"id": 1, "text": text}),
+        json.dumps({"id": "1", "text": "the same id as a string"}),
+        json.dumps({"id": None, "text": 17}),
+    ]
+    src = tmp_path / "in"
+    _write_lines(src / "hostile.jsonl", hostile)
+    write_jsonl(src / "good.jsonl.zst", 20, compress=True)
+    debris = ["spark", "delta", "crc", "hidden"]
+    _write_lines(src / "_temporary" / "0" / "part-00000.jsonl", [json.dumps({"id": "spark", "text": text})])
+    _write_lines(src / "_delta_log" / "00000000000000000000.json", [json.dumps({"id": "delta", "text": "x"})])
+    _write_lines(src / ".part-00000.jsonl.crc", [json.dumps({"id": "crc", "text": "x"})])
+    _write_lines(src / "sub" / ".hidden" / "h.jsonl", [json.dumps({"id": "hidden", "text": "x"})])
+    out = tmp_path / "out"
+    _ok(_matrix(ray_cluster, ["prefilter", "--input", str(src), "--output", str(out)]))
+    rows = {r["id"]: r for r in read_output(str(out))}
+    assert_exactly_once(list(rows.values()), len(hostile) + 20)
+    assert not set(debris) & set(rows)
+    assert rows["num-url"]["url"] == "42" and rows["list-url"]["url"] == '[1, "a"]'
+    assert rows["object-url"]["url"] == '{"k": "v"}'
+    assert rows["lone-in-url"]["url"] == "https://x.test/\ufffd"
+    assert rows["lone-\ufffd-in-id"]["status"] != "error"
+    assert rows["1"]["status"] != "error"  # the first occurrence keeps the id ...
+    duplicate = [r for r in rows.values() if "duplicate id '1'" in (r["error"] or "")]
+    assert len(duplicate) == 1 and duplicate[0]["id"].startswith("hostile.jsonl@")  # ... the second its position
+    assert any("is not a string" in (r["error"] or "") for r in rows.values())
+    manifest = read_manifest(str(out))
+    assert manifest["rows_in"] == manifest["rows_out"] == len(hostile) + 20
+
+
+def test_a_loop_with_ten_times_more_rows_than_its_queues_finishes(ray_cluster, tmp_path: Path) -> None:
+    """proposer <-> critic with 80 rows in flight against roles that work on 2 messages at a time."""
+    src = write_jsonl(tmp_path / "in" / "d.jsonl", 120)
+    small = ["roles.proposer.replicas=1", "roles.critic.replicas=1"]
+    small += ["roles.proposer.max_concurrency=2", "roles.critic.max_concurrency=2"]
+    out = tmp_path / "out"
+    args = [CORAL, "--input", str(src), "--output", str(out), "--concurrency", "80", *FAST_SIM, *small]
+    _ok(_matrix(ray_cluster, args, timeout=240))
+    rows = read_output(str(out))
+    assert_exactly_once(rows, 120)
+    assert max(r["rounds"] or 0 for r in rows) > 1  # rows really looped
+    # A runaway loop becomes an error row at orchestrator.max_hops, never a hang.
+    out2 = tmp_path / "out2"
+    args = [CORAL, "--input", str(src), "--output", str(out2), *FAST_SIM, "params.agree_rate=0"]
+    _ok(_matrix(ray_cluster, [*args, "orchestrator.max_hops=5"], timeout=240))
+    rows = read_output(str(out2))
+    assert_exactly_once(rows, 120)
+    assert all(r["status"] == "error" and "routing loop" in r["error"] for r in rows), rows[0]
+
+
+def test_broken_and_vanishing_files_fail_alone(ray_cluster, tmp_path: Path) -> None:
+    src = tmp_path / "in"
+    write_jsonl(src / "a-good.jsonl.zst", 30, compress=True)
+    whole = write_jsonl(tmp_path / "full.jsonl.zst", 400, start=100, compress=True).read_bytes()
+    (src / "b-truncated.jsonl.zst").write_bytes(whole[: len(whole) // 2])
+    table = pa.table({"id": [f"pq-{i}" for i in range(10)], "text": [doc_text(i) for i in range(10)]})
+    pq.write_table(table, src / "c-corrupt.parquet")
+    data = (src / "c-corrupt.parquet").read_bytes()
+    (src / "c-corrupt.parquet").write_bytes(data[:-40])  # the footer is gone
+    for i in range(3):
+        write_jsonl(src / f"d-later-{i}.jsonl", 20, start=1000 + 20 * i)
+    out = tmp_path / "out"
+    slow = ["llm=sim", "llm.decode_s_per_token=0.02", "llm.output_tokens_mean=10", "io.flush_interval_s=1"]
+    args = ["natural_reasoning", "--input", str(src), "--output", str(out), "--concurrency", "8", *slow]
+    proc = subprocess.Popen(
+        [str(VENV_BIN / "matrix"), "run", *args, "--quiet"],
+        env=ray_cluster.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not committed_units(str(out)):  # listed, then deleted before its unit is read
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    (src / "d-later-2.jsonl").unlink()
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output[-3000:]
+    rows = read_output(str(out))
+    errors = {r["id"]: r["error"] for r in rows if r["error"] and "could not be read" in r["error"]}
+    assert set(errors) == {
+        "b-truncated.jsonl.zst!unread",
+        "c-corrupt.parquet!unread",
+        "d-later-2.jsonl!unread",
+    }, errors
+    assert "after b-truncated.jsonl.zst:" in errors["b-truncated.jsonl.zst!unread"]
+    read_back = [r for r in rows if r["id"].startswith("doc-") and 100 <= int(r["id"][4:]) < 500]
+    assert 0 < len(read_back) < 400  # the rows before the fault are kept
+    assert len([r for r in rows if r["id"].startswith("doc-") and int(r["id"][4:]) >= 1000]) == 40
+    manifest = read_manifest(str(out))
+    assert manifest["rows_in"] == manifest["rows_out"] == len(rows) == 30 + len(read_back) + 1 + 1 + 40 + 1
+
+
+def test_an_output_inside_the_input_is_refused(ray_cluster, tmp_path: Path) -> None:
+    src = write_jsonl(tmp_path / "in" / "d.jsonl", 5)
+    result = _matrix(ray_cluster, ["prefilter", "--input", str(src.parent), "--output", str(src.parent / "out")])
+    assert result.returncode == 2 and "inside input" in result.stderr, result.stderr
+
+
+def test_a_second_run_on_a_held_output_exits_2_naming_the_holder(ray_cluster, tmp_path: Path) -> None:
+    src = write_jsonl(tmp_path / "in" / "d.jsonl", 60)
+    out = tmp_path / "out"
+    slow = ["llm=sim", "llm.decode_s_per_token=0.05", "llm.output_tokens_mean=20", "llm.slots=4"]
+    args = ["natural_reasoning", "--input", str(src), "--output", str(out), *slow]
+    first = subprocess.Popen(
+        [str(VENV_BIN / "matrix"), "run", *args, "--quiet"],
+        env=ray_cluster.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / LEASE_FILE).exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        second = _matrix(ray_cluster, args)
+        assert second.returncode == 2, second.stderr
+        assert "is held by run" in second.stderr and f"pid {first.pid}" in second.stderr, second.stderr
+        overwrite = _matrix(ray_cluster, [*args, "--overwrite"])
+        assert overwrite.returncode == 2 and "is held by run" in overwrite.stderr
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+
+
+def test_a_stale_writer_cannot_commit(tmp_path: Path) -> None:
+    """A holder that stopped renewing (a hung run elsewhere) is taken over; its generation is fenced off."""
+    store = OutputStore(str(tmp_path / "out"), {})
+    old = Lease(store, "oldrun")
+    old.acquire()
+    with pytest.raises(OutputError, match="held by run oldrun"):
+        Lease(store, "third").acquire()
+    lease = read_lease(store)
+    assert lease is not None
+    lease.update(host="another-host", heartbeat=time.time() - 3600)
+    store.put(LEASE_FILE, json.dumps(lease).encode())
+    new = Lease(store, "newrun")
+    new.acquire()
+    assert new.generation == old.generation + 1
+    with pytest.raises(StaleRun, match="newrun"):
+        check_generation(store, old.generation)
+    check_generation(store, new.generation)
+    old.release()  # must not release the new holder's lease
+    assert read_lease(store)["run_id"] == "newrun" and not read_lease(store).get("released")
+    new.release()
+    assert read_lease(store)["released"]
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_the_first_commit_of_a_unit_wins(where: str, tmp_path: Path, request) -> None:
+    if where == "s3":
+        s3 = request.getfixturevalue("s3_server")
+        store = OutputStore(f"s3://{s3.bucket}/commit-{tmp_path.name}", s3.storage_options())
+    else:
+        store = OutputStore(str(tmp_path / "out"), {})
+    first = {"unit_id": "u1", "attempt": "a", "parts": []}
+    assert store.commit_unit(first) == first
+    assert store.commit_unit({**first, "attempt": "b"})["attempt"] == "a"
+    assert list(store.commit_records()) == ["u1"]

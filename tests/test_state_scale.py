@@ -1,0 +1,134 @@
+"""State stays bounded as the input grows: a million rows cost no more memory than 100,000.
+
+Both corpora have the same shape per unit (files of 50,000 tiny rows), so the rows per unit and
+the rows in flight are equal; only the total differs. Any process whose peak USS grows with it
+keeps per-row state for the whole run (an id set, a list of committed ids, a manifest counted
+from every row). A resume with nothing left to do must then cost about as little as a start:
+it reads the small per-unit commit records, not the rows.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, VENV_BIN, RayCluster, read_manifest
+from tests.procmem import PeakMemory, raylet_pid
+from tests.scale_corpus import write_tiny_corpus
+
+ROWS_PER_FILE = 50_000
+SMALL, BIG = 100_000, 1_000_000
+GROWTH = 1.25  # the 1M peak USS of every kind may exceed the 100k one by at most this factor
+RESUME_LIMIT_S = 10.0
+
+
+@dataclass
+class Measured:
+    """One `matrix run`: its outcome, wall time and peak memory."""
+
+    returncode: int
+    output: str
+    wall_s: float
+    mem: PeakMemory
+    timed_out: bool = False
+
+    def failure(self) -> str:
+        """Why the run did not exit 0, for an assertion message."""
+        cause = f"timed out after {self.wall_s:.0f}s" if self.timed_out else f"exit {self.returncode}"
+        return f"{cause}: {self.output[-3000:]}"
+
+
+def _command(src: Path, out: Path) -> list[str]:
+    return [
+        str(VENV_BIN / "matrix"),
+        "run",
+        "prefilter",
+        "--input",
+        str(src),
+        "--output",
+        str(out),
+        "--partitions",
+        "2",
+        "--concurrency",
+        "512",
+        "--manifest-json",
+    ]
+
+
+def _measured_run(cluster: RayCluster, src: Path, out: Path, timeout: float) -> Measured:
+    """`matrix run` joined to the session's cluster, its job and our actors' workers sampled.
+
+    A run over `timeout` is killed and reported (not raised), so the figures still get printed.
+    """
+    raylet = raylet_pid(cluster.gcs_address)
+    assert raylet is not None, f"no raylet for {cluster.gcs_address}"
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        _command(src, out), env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO
+    )
+    timed_out = False
+    try:
+        with PeakMemory(proc.pid, under=raylet) as mem:
+            try:
+                output, _ = proc.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                proc.kill()
+                output, _ = proc.communicate()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return Measured(proc.returncode, output, time.monotonic() - started, mem, timed_out)
+
+
+def _full_run(cluster: RayCluster, base: Path, rows: int, timeout: float) -> Measured:
+    """A fresh corpus of `rows` rows in files of ROWS_PER_FILE, run start to end and checked."""
+    src = write_tiny_corpus(base / "in", rows, rows // ROWS_PER_FILE)
+    run = _measured_run(cluster, src, base / "out", timeout)
+    assert run.returncode == 0, run.failure()
+    manifest = read_manifest(str(base / "out"))
+    assert (manifest["rows_in"], manifest["rows_out"]) == (rows, rows), manifest
+    return run
+
+
+def _table(small: Measured, big: Measured, resume: Measured) -> str:
+    """Per kind: peak USS / PSS (MB) of the 100k and 1M runs and of the resume, and the growth."""
+    kinds = sorted(set(small.mem.max_by_kind()) | set(big.mem.max_by_kind()))
+    figures = {
+        name: (run.mem.max_by_kind("uss"), run.mem.max_by_kind("pss"))
+        for name, run in (("100k", small), ("1M", big), ("resume", resume))
+    }
+    lines = [f"{'kind':16} {'100k uss/pss':>14} {'1M uss/pss':>14} {'resume uss/pss':>15} {'1M/100k':>8}"]
+    for kind in kinds:
+        cells = [f"{uss.get(kind, 0):.0f}/{pss.get(kind, 0):.0f}" for uss, pss in figures.values()]
+        ratio = figures["1M"][0].get(kind, 0) / max(figures["100k"][0].get(kind, 0), 1e-9)
+        lines.append(f"{kind:16} {cells[0]:>14} {cells[1]:>14} {cells[2]:>15} {ratio:>7.2f}x")
+    lines.append(f"wall: 100k {small.wall_s:.1f}s, 1M {big.wall_s:.1f}s, resume of 1M {resume.wall_s:.1f}s")
+    others = small.mem.others() | big.mem.others()
+    if others:
+        lines.append(f"Ray workers not counted: {sorted(others)}")
+    return "\n".join(lines)
+
+
+@pytest.mark.timeout(900)
+def test_state_is_bounded_at_a_million_rows(ray_cluster, tmp_path: Path, capsys) -> None:
+    small = _full_run(ray_cluster, tmp_path / "100k", SMALL, timeout=300)
+    big = _full_run(ray_cluster, tmp_path / "1m", BIG, timeout=600)
+    resume = _measured_run(ray_cluster, tmp_path / "1m" / "in", tmp_path / "1m" / "out", timeout=60)
+    with capsys.disabled():
+        print(f"\n[state-scale] peak memory in MB, per kind the largest process\n{_table(small, big, resume)}")
+
+    small_uss, big_uss = small.mem.max_by_kind("uss"), big.mem.max_by_kind("uss")
+    assert "job" in small_uss and len(small_uss) >= 2, f"sampler saw no actor workers: {small.mem.peaks()}"
+    assert set(big_uss) == set(small_uss), f"kinds differ: 100k {sorted(small_uss)}, 1M {sorted(big_uss)}"
+    grown = {k: (small_uss[k], big_uss[k]) for k in big_uss if big_uss[k] > GROWTH * small_uss[k]}
+    assert not grown, f"peak USS (MB, 100k -> 1M) grew by more than {GROWTH - 1:.0%}: {grown}"
+
+    assert resume.returncode == 0, resume.failure()
+    assert resume.wall_s < RESUME_LIMIT_S, f"resume with nothing to do took {resume.wall_s:.1f}s"
+    assert read_manifest(str(tmp_path / "1m" / "out"))["rows_resumed"] == BIG
