@@ -20,6 +20,7 @@ from matrix_provider.runtime.lease import LEASE_FILE, Lease, StaleRun, check_gen
 from matrix_provider.runtime.sink import OutputError, OutputStore
 from tests.conftest import REPO, VENV_BIN, assert_exactly_once, committed_units, read_manifest, read_output, run_matrix
 from tests.corpus import doc_text, write_jsonl
+from tests.s3_faults import PART_FILES, S3FaultProxy
 
 FAST_SIM = ["llm=sim", "llm.decode_s_per_token=0.001", "llm.output_tokens_mean=8", "llm.slots=64"]
 CORAL = str(REPO / "bench" / "coral_shaped.yaml")
@@ -206,3 +207,21 @@ def test_the_first_commit_of_a_unit_wins(where: str, tmp_path: Path, request) ->
     assert store.commit_unit(first) == first
     assert store.commit_unit({**first, "attempt": "b"})["attempt"] == "a"
     assert list(store.commit_records()) == ["u1"]
+
+
+def test_a_part_write_that_fails_twice_then_succeeds_loses_nothing(ray_cluster, s3_server, tmp_path: Path) -> None:
+    """A real S3 (SeaweedFS) behind a proxy that answers the first two part PUTs with 500 InternalError."""
+    src = write_jsonl(tmp_path / "in" / "d.jsonl", 50)
+    out = f"s3://{s3_server.bucket}/flaky-{tmp_path.name}"
+    env = {k: v for k, v in s3_server.env.items() if k != "AWS_ENDPOINT_URL"}
+    with S3FaultProxy(s3_server.endpoint, fail_first=2, path_regex=PART_FILES) as proxy:
+        options = [
+            f"++io.storage_options.client_kwargs.endpoint_url={proxy.endpoint}",
+            "++io.storage_options.config_kwargs.retries.total_max_attempts=1",  # no retries inside botocore
+            "io.part_rows=20",
+        ]
+        _ok(_matrix(ray_cluster, ["prefilter", "--input", str(src), "--output", out, *options], **env))
+        assert proxy.failed == 2 and proxy.matched >= 5
+    opts = {**s3_server.storage_options(), "client_kwargs": {"endpoint_url": s3_server.endpoint}}
+    assert_exactly_once(read_output(out, opts), 50)
+    assert read_manifest(out, opts)["rows_out"] == 50
