@@ -223,6 +223,7 @@ def committed_units(uri: str, storage_options: dict[str, object] | None = None) 
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    fs.invalidate_cache()  # s3fs caches listings, and a run is committing units meanwhile
     if not fs.exists(f"{root}/_commits"):
         return []
     return [json.loads(fs.cat_file(path)) for path in sorted(fs.glob(f"{root}/_commits/*.json"))]

@@ -225,3 +225,15 @@ def test_a_part_write_that_fails_twice_then_succeeds_loses_nothing(ray_cluster, 
     opts = {**s3_server.storage_options(), "client_kwargs": {"endpoint_url": s3_server.endpoint}}
     assert_exactly_once(read_output(out, opts), 50)
     assert read_manifest(out, opts)["rows_out"] == 50
+
+
+def test_a_slow_row_is_never_blamed(ray_cluster, tmp_path: Path) -> None:
+    """An agent too busy to answer for 25 s (its event loop blocked) is slow, not dead: no re-delivery."""
+    src = write_jsonl(tmp_path / "in" / "d.jsonl", 1)
+    out = tmp_path / "out"
+    spec = str(REPO / "tests" / "pipelines" / "blocking.yaml")
+    args = [spec, "--input", str(src), "--output", str(out), "params.block_s=25", "orchestrator.audit_interval_s=0.5"]
+    _ok(_matrix(ray_cluster, args, timeout=240))
+    rows = read_output(str(out))
+    assert [(r["status"], r["deliveries"]) for r in rows] == [("ok", 1)], rows
+    assert read_manifest(str(out))["rows_redelivered"] == 0

@@ -87,6 +87,7 @@ def test_losing_a_node_mid_run_loses_and_doubles_nothing(s3_server, tmp_path: Pa
     manifest = read_manifest(out, s3_server.storage_options())
     assert manifest["rows_in"] == manifest["rows_out"] == 300
     assert fs.exists(f"{out}/_SUCCESS")
+    fs.invalidate_cache()
     parts = {p.rsplit("/", 1)[1] for p in fs.glob(f"{out}/part-*.parquet")}
     named = {part["name"] for unit in committed_units(out, s3_server.storage_options()) for part in unit["parts"]}
     assert parts == named  # parts of the lost attempts were removed

@@ -138,6 +138,7 @@ class OutputStore:
     def commit_records(self) -> dict[str, dict[str, Any]]:
         """Every unit's commit record, by unit id: one listing and one batched read (O(units))."""
         folder = self.path(COMMITS_DIR)
+        self.fs.invalidate_cache(folder)  # s3fs caches listings; other processes commit units
         try:
             paths = [p for p in self.fs.ls(folder, detail=False) if p.endswith(".json")]
         except FileNotFoundError:
@@ -149,6 +150,7 @@ class OutputStore:
         return {r["unit_id"]: r for r in records}
 
     def part_names(self) -> list[str]:
+        self.fs.invalidate_cache(self.root)
         if not self.fs.exists(self.root):
             return []
         return sorted(posixpath.basename(p) for p in self.fs.glob(self.path("part-*.parquet")))

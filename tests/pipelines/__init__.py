@@ -1,0 +1,1 @@
+"""Pipelines that exist only to put the runtime in a corner (imported by Ray workers via PYTHONPATH)."""
