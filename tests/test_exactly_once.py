@@ -190,10 +190,22 @@ def test_a_stale_writer_cannot_commit(tmp_path: Path) -> None:
     with pytest.raises(StaleRun, match="newrun"):
         check_generation(store, old.generation)
     check_generation(store, new.generation)
+    # A late heartbeat of the old holder rewrites _lease.json: the fence (_leases/ only grows) holds.
+    current = store.fs.cat_file(store.path(LEASE_FILE))
+    store.put(LEASE_FILE, json.dumps({**lease, "generation": old.generation}).encode())
+    with pytest.raises(StaleRun):
+        check_generation(store, old.generation)
+    store.put(LEASE_FILE, current)
     old.release()  # must not release the new holder's lease
     assert read_lease(store)["run_id"] == "newrun" and not read_lease(store).get("released")
     new.release()
     assert read_lease(store)["released"]
+    # A run killed between creating its generation and writing _lease.json blocks nobody.
+    store.create(f"_leases/{new.generation + 1:08d}.json", b"{}")
+    after = Lease(store, "after")
+    after.acquire()
+    assert after.generation == new.generation + 2
+    after.release()
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])

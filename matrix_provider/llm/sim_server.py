@@ -15,6 +15,7 @@ from typing import Any
 
 import ray
 from aiohttp import web
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from matrix_provider.llm.client import ATTEMPT_HEADER, REPLICA_HEADER
 from matrix_provider.llm.sim import HANG_S, SimEngine
@@ -70,7 +71,14 @@ def deploy_sim(spec: SimSpec, name: str) -> tuple[str, ...]:
         actor_name = f"{name}-{i}"
         replicas.append(
             SimReplica.options(
-                name=actor_name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True, max_concurrency=100_000
+                name=actor_name,
+                namespace=NAMESPACE,
+                lifetime="detached",
+                get_if_exists=True,
+                max_concurrency=100_000,
+                # Beside the job that deployed it (soft): a simulator's port is not handed on if it
+                # restarts on another node, so keep it off the nodes a fault test may take away.
+                scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True),
             ).remote(payload, actor_name)
         )
     return tuple(ray.get([r.start.remote() for r in replicas]))

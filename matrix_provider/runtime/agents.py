@@ -24,7 +24,7 @@ import uuid
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayError
 
 from matrix_provider.llm.client import ClientConfig, LLMClient, LLMError
 from matrix_provider.runtime import names
@@ -36,6 +36,7 @@ from matrix_provider.runtime.roles import RowError
 from matrix_provider.runtime.spec import PipelineSpec
 
 _HANDOFF_TRIES = 30
+_REPORT_TRIES = 10
 logger = logging.getLogger(__name__)
 # To a driver: ("done", key, delivery, output row) or ("lost", key, delivery, reason).
 Report = tuple[str, str, int, Any]
@@ -174,11 +175,19 @@ class Agent:
         """A delivery past its deadline or superseded by a newer one: its driver no longer waits for it."""
         return time.time() > msg.deadline or msg.delivery < self.newest.get(msg.key, 0)
 
+    async def _report(self, msg: Orchestrator, kind: str, payload: Any) -> None:
+        """Tell the row's driver; a driver that is restarting gets a few more tries, a dead one none."""
+        for attempt in range(_REPORT_TRIES):
+            try:
+                await self.peers.to_driver(msg.partition).put((kind, msg.key, msg.delivery, payload))
+                return
+            except RayError:
+                await asyncio.sleep(min(0.2 * (attempt + 1), 2.0))
+        # The driver is gone: its units are redone by another, and this row with them.
+        logger.warning("driver %s of row %s is unreachable; dropping its %s report", msg.partition, msg.id, kind)
+
     async def _report_lost(self, msg: Orchestrator, reason: str) -> None:
-        try:
-            await self.peers.to_driver(msg.partition).put(("lost", msg.key, msg.delivery, reason))
-        except Exception:  # the driver is gone: its units are redone elsewhere
-            logger.warning("driver %s of row %s is unreachable", msg.partition, msg.id)
+        await self._report(msg, "lost", reason)
 
     async def _process(self, msg: Orchestrator) -> None:
         if self._stale(msg):
@@ -209,8 +218,7 @@ class Agent:
         if next_role is None:
             if not msg.done:
                 msg.finish(ERROR, f"pipeline routing after {self.role_name!r} named no role and no status")
-            row = output_row(self.pipeline, msg)
-            await self.peers.to_driver(msg.partition).put(("done", msg.key, msg.delivery, row))
+            await self._report(msg, "done", output_row(self.pipeline, msg))
             return
         if self._stale(msg):  # superseded while it ran: the newer delivery carries the row
             self.dropped += 1

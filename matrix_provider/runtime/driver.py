@@ -24,6 +24,7 @@ import asyncio
 import collections
 import contextlib
 import itertools
+import logging
 import re
 import time
 import uuid
@@ -42,6 +43,7 @@ from matrix_provider.runtime.sink import OutputStore
 from matrix_provider.runtime.sources import Record, Split, open_fs, read_unit
 from matrix_provider.runtime.spec import PipelineSpec
 
+logger = logging.getLogger(__name__)
 _READ_BATCH = 256
 _AUDIT_GAP_S = 1.0
 _TOP_REASONS = 20
@@ -125,7 +127,7 @@ class PartitionDriver:
     async def run_unit(self, unit: Split) -> dict[str, Any]:
         """Process and commit one unit; returns its commit record."""
         self._ensure_started()
-        run = UnitRun(unit, f"g{self.generation}{uuid.uuid4().hex[:6]}")
+        run = UnitRun(unit, f"g{self.generation}-{uuid.uuid4().hex}")
         self.units[run.attempt] = run
         try:
             async with asyncio.TaskGroup() as group:
@@ -158,7 +160,8 @@ class PartitionDriver:
                 await slots.acquire()
                 key = f"{run.attempt}/{index}"
                 index += 1
-                self.in_flight[key] = Flight(run, record.id, record.row, admitted=time.monotonic())
+                deadline = time.time() + self.spec.orchestrator.row_deadline_s
+                self.in_flight[key] = Flight(run, record.id, record.row, deadline=deadline, admitted=time.monotonic())
                 run.outstanding += 1
                 self._spawn(self._deliver(key))
         run.reading = False
@@ -220,7 +223,13 @@ class PartitionDriver:
 
     # -- rows --------------------------------------------------------------------------------------
     async def _deliver(self, key: str) -> None:
-        """(Re)deliver a row to the first role its orchestrator names."""
+        """(Re)deliver a row; any failure on the way counts as a lost delivery, never a stuck row."""
+        try:
+            await self._deliver_once(key)
+        except Exception as exc:  # object store full, a pipeline's route() failing on odd input, ...
+            self._fail_or_redeliver(key, f"delivery failed: {type(exc).__name__}: {exc}")
+
+    async def _deliver_once(self, key: str) -> None:
         flight = self.in_flight.get(key)
         if flight is None:
             return
@@ -301,6 +310,7 @@ class PartitionDriver:
         self.totals["rows_redelivered"] += 1
         self.metrics.redelivered.inc()
         flight.acked = False
+        flight.deadline = time.time() + self.spec.orchestrator.row_deadline_s
         self._spawn(self._deliver(key))
 
     # -- watching ----------------------------------------------------------------------------------
@@ -309,22 +319,29 @@ class PartitionDriver:
         self.audit_wanted = True
 
     async def _watch(self) -> None:
-        orchestrator = self.spec.orchestrator
+        """Deadlines and audits; an iteration that fails is logged and the next one runs."""
         while True:
-            await asyncio.sleep(min(orchestrator.audit_interval_s, 1.0))
-            self.metrics.in_flight.set(len(self.in_flight), {"partition": str(self.partition)})
-            now = time.time()
-            for key, flight in list(self.in_flight.items()):
-                if flight.acked and now > flight.deadline:
-                    self._fail_or_redeliver(key, f"no result within row_deadline_s={orchestrator.row_deadline_s:g}s")
-            if self.audit_wanted and self.in_flight:
-                self.audit_wanted = not await self._audit()
+            await asyncio.sleep(min(self.spec.orchestrator.audit_interval_s, 1.0))
+            try:
+                await self._watch_once()
+            except Exception:
+                logger.exception("driver %s: watchdog iteration failed", self.partition)
+
+    async def _watch_once(self) -> None:
+        orchestrator = self.spec.orchestrator
+        self.metrics.in_flight.set(len(self.in_flight), {"partition": str(self.partition)})
+        now = time.time()
+        for key, flight in list(self.in_flight.items()):
+            if now > flight.deadline:  # acknowledged or not: a hand-off that hangs ends here too
+                self._fail_or_redeliver(key, f"no result within row_deadline_s={orchestrator.row_deadline_s:g}s")
+        if self.audit_wanted and self.in_flight:
+            self.audit_wanted = not await self._audit()
 
     async def _snapshot(self) -> set[tuple[str, int]] | None:
         """Rows of this partition every agent holds; None when some agent did not answer."""
         timeout = max(self.spec.orchestrator.audit_interval_s * 5, 10.0)
-        refs = [agent.held_rows.remote(self.partition) for agent in self.peers.all_agents()]
         try:
+            refs = [agent.held_rows.remote(self.partition) for agent in self.peers.all_agents()]
             answers = await asyncio.wait_for(asyncio.gather(*refs), timeout)
         except Exception:  # an agent restarting, or on a node being declared dead: decide later
             return None

@@ -159,7 +159,13 @@ def run(spec: PipelineSpec, *, quiet: bool = False) -> dict[str, Any]:
             raise RunFailed(lease.lost)
         manifest = summarize(spec, pipeline, units, records, resumed)
         manifest.update(extra)
-        manifest["orphan_parts_removed"] = store.remove_orphans(list(records.values()))
+        # Units no longer in the input (files removed, a corrupt footer read differently) leave the
+        # output with their parts: after _SUCCESS the output mirrors this run's input exactly.
+        planned = {u.uid for u in units}
+        stale = [uid for uid in records if uid not in planned]
+        store.drop_commits(stale)
+        manifest["units_dropped"] = len(stale)
+        manifest["orphan_parts_removed"] = store.remove_orphans([records[uid] for uid in planned])
         manifest.update(wall_seconds=round(time.time() - started, 3), config_hash=config_hash, run_id=run_id)
         manifest["tokens_per_s"] = round(manifest.pop("run_tokens") / max(manifest["wall_seconds"], 1e-9), 2)
         store.finish(manifest)
@@ -323,7 +329,11 @@ class UnitScheduler:
                         unit, attempt = queue.popleft()
                         outstanding[driver.run_unit.remote(unit)] = (p, unit, attempt)
                         load[p] += 1
-                ready, _ = ray.wait(list(outstanding), num_returns=1, timeout=_POLL_S) if outstanding else ([], [])
+                if outstanding:
+                    ready, _ = ray.wait(list(outstanding), num_returns=1, timeout=_POLL_S)
+                else:  # every driver is restarting: wait for one to answer again
+                    ready = []
+                    time.sleep(_POLL_S)
                 for ref in ready:
                     p, unit, attempt = outstanding.pop(ref)
                     load[p] -= 1

@@ -1,8 +1,9 @@
 """Fencing: one live run per output.
 
-A run takes the output by creating `_leases/<generation>` with a conditional create (the next
-generation after the current one) and then pointing `_lease.json` at it; it renews
-`_lease.json`'s heartbeat every `HEARTBEAT_S` while it runs and marks it released at the end.
+A run takes the output by creating `_leases/<generation>` with a conditional create (one past the
+highest there) and then pointing `_lease.json` at it; it renews `_lease.json`'s heartbeat every
+`HEARTBEAT_S` while it runs and marks it released at the end. A generation is fenced off for good
+once the next one exists: `_leases/` only grows, so no late write can undo a takeover.
 A second run finds a live holder and is refused with its name. A holder is live while its
 heartbeat is younger than `TTL_S`, except that a holder on this host whose process is gone (a
 SIGKILLed run) is dead at once. Drivers check the generation before every unit commit, so a
@@ -67,11 +68,28 @@ def describe(lease: dict[str, Any]) -> str:
     )
 
 
+def _generation_path(store: OutputStore, generation: int) -> str:
+    return store.path(f"{LEASES_DIR}/{generation:08d}.json")
+
+
+def highest_generation(store: OutputStore) -> int:
+    folder = store.path(LEASES_DIR)
+    store.fs.invalidate_cache(folder)
+    try:
+        names = store.fs.ls(folder, detail=False)
+    except FileNotFoundError:
+        return 0
+    numbers = [int(n.rsplit("/", 1)[-1].split(".")[0]) for n in names if n.endswith(".json")]
+    return max(numbers, default=0)
+
+
 def check_generation(store: OutputStore, generation: int) -> None:
-    """Raise StaleRun unless `generation` still holds the output."""
-    lease = read_lease(store)
-    if lease is None or lease.get("generation") != generation:
-        holder = describe(lease) if lease else "nobody"
+    """Raise StaleRun once a later generation exists (a run took the output over)."""
+    successor = _generation_path(store, generation + 1)
+    store.fs.invalidate_cache(store.path(LEASES_DIR))
+    if store.retrying(lambda: store.fs.exists(successor)):
+        lease = read_lease(store)
+        holder = describe(lease) if lease else "another run"
         raise StaleRun(f"output {store.uri!r} was taken over by {holder}; generation {generation} stops")
 
 
@@ -107,13 +125,15 @@ class Lease:
             raise OutputError(
                 f"output {self.store.uri!r} is held by {describe(current)}: wait for it to finish or stop it"
             )
-        self.generation = int(current["generation"]) + 1 if current else 1
+        previous = int(current["generation"]) if current else 0
+        # From the listing too: a run killed between its two writes left a generation `_lease.json` lacks.
+        self.generation = max(previous, highest_generation(self.store)) + 1
         self._started = time.time()
         if not self.store.create(f"{LEASES_DIR}/{self.generation:08d}.json", self._record()):
             raise OutputError(
                 f"output {self.store.uri!r} was taken by another run just now (generation {self.generation})"
             )
-        self.store.put(LEASE_FILE, self._record())
+        self.store.retrying(lambda: self.store.put(LEASE_FILE, self._record()))
         self._thread = threading.Thread(target=self._renew, name="matrix-lease", daemon=True)
         self._thread.start()
 
@@ -133,9 +153,11 @@ class Lease:
         if self._thread is not None:
             self._thread.join(timeout=30)
         if self.lost is None and self.generation:
-            lease = read_lease(self.store)
-            if lease is not None and lease.get("generation") == self.generation:
-                self.store.put(LEASE_FILE, self._record(released=True))
+            try:
+                check_generation(self.store, self.generation)
+            except StaleRun:
+                return
+            self.store.put(LEASE_FILE, self._record(released=True))
 
     def __enter__(self) -> Lease:
         self.acquire()

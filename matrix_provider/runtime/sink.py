@@ -149,6 +149,12 @@ class OutputStore:
         records = [json.loads(data) for data in contents.values()]
         return {r["unit_id"]: r for r in records}
 
+    def drop_commits(self, unit_ids: list[str]) -> None:
+        """Forget units (their parts go with `remove_orphans`)."""
+        paths = [self.path(f"{COMMITS_DIR}/{uid}.json") for uid in unit_ids]
+        if paths:
+            self.fs.rm(paths)
+
     def part_names(self) -> list[str]:
         self.fs.invalidate_cache(self.root)
         if not self.fs.exists(self.root):

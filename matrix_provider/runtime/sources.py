@@ -20,11 +20,13 @@ import hashlib
 import json
 import posixpath
 import re
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import fsspec
+import pyarrow as pa
 import pyarrow.parquet as pq
 import zstandard
 
@@ -37,6 +39,19 @@ _MIN_SPLIT_BYTES = 64 << 10
 # surrogate left after loading is a lone one, which no UTF-8 writer accepts.
 _SURROGATE_ESCAPE = re.compile(rb"\\[uU][dD][89a-fA-F]")
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+# What a truncated, corrupt or vanished file raises. Other I/O errors (timeouts, resets, expired
+# credentials) are transient: they fail the unit's attempt, which the job hands out again.
+FILE_FAULTS = (
+    FileNotFoundError,
+    EOFError,
+    zlib.error,
+    gzip.BadGzipFile,
+    zstandard.ZstdError,
+    pa.ArrowInvalid,
+    UnicodeDecodeError,
+)
 
 
 class InputError(ValueError):
@@ -157,8 +172,10 @@ def _row_group_ranges(fs: fsspec.AbstractFileSystem, f: Split, split_bytes: int)
     try:
         with fs.open(f.path, "rb") as handle:
             meta = pq.ParquetFile(handle).metadata
-    except Exception:  # a corrupt footer: one unit, whose reading reports the fault as an error row
+    except FILE_FAULTS:  # a corrupt footer: one unit, whose reading reports the fault as an error row
         return [f]
+    except Exception as exc:  # transient: planning on a guess would change the units between runs
+        raise InputError(f"cannot read the Parquet footer of {f.name!r}: {type(exc).__name__}: {exc}") from None
     ranges, start, acc = [], 0, 0
     for i in range(meta.num_row_groups):
         acc += meta.row_group(i).total_byte_size
@@ -175,7 +192,7 @@ def read_unit(fs: fsspec.AbstractFileSystem, unit: Split, io_spec: IOSpec) -> It
         for record in read_split(fs, unit, io_spec):
             last = record.pos_id
             yield record
-    except Exception as exc:  # zstd/gzip/Arrow/fsspec raise unrelated types for one cause: a bad file
+    except FILE_FAULTS as exc:
         where = f"after {last}" if last else "before its first row"
         pos_id = f"{unit.key}!unread"
         reason = (
