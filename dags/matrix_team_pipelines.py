@@ -1,13 +1,15 @@
 """A team DAG: two curation configs over one snapshot, each fanned out over its shards with mapping.
 
 `list_shards` finds the snapshot's shard folders; each config's MatrixPipelineOperator is mapped
-over them (one Ray job per shard, each with its own output), then a summary task adds up the
-manifests that the mapped tasks returned.
+over them (one Ray job per shard, each with its own output; at most two at once per run so one
+DAG run cannot take the whole GPU pool), then a summary task adds up the manifests that the mapped
+tasks returned. Every mapped task emits an event on its config's asset.
 """
 
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import pendulum
 from airflow.sdk import DAG, task
@@ -23,6 +25,7 @@ with DAG(
     schedule=None,
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     tags=["matrix", "team"],
+    default_args={"retries": 2, "retry_delay": timedelta(minutes=2)},
     doc_md=__doc__,
 ):
 
@@ -32,7 +35,10 @@ with DAG(
 
         fs, root = fsspec.core.url_to_fs(snapshot)
         protocol = snapshot.split("://")[0] + "://" if "://" in snapshot else ""
-        return sorted(protocol + p for p in fs.ls(root, detail=False) if fs.isdir(p))
+        shards = sorted(protocol + p for p in fs.ls(root, detail=False) if fs.isdir(p))
+        if not shards:
+            raise ValueError(f"no shard folders under {snapshot}")
+        return shards
 
     shards = list_shards(SNAPSHOT)
 
@@ -50,6 +56,9 @@ with DAG(
                 overrides=overrides,
                 partitions=1,
                 concurrency=32,
+                max_active_tis_per_dagrun=2,
+                pool=os.environ.get("MATRIX_GPU_POOL", "matrix_gpu"),
+                execution_timeout=timedelta(hours=6),
             ).expand(input_uri=shards)
         )
 

@@ -55,6 +55,18 @@ def parse_progress(line: str) -> dict[str, float] | None:
     return figures
 
 
+def new_progress(tail: str, last: str) -> list[str]:
+    """Progress lines of a log tail that come after `last`, the newest line already shown.
+
+    Lines carry `elapsed_s`, so each is unique; when `last` has scrolled out of the tail, every
+    progress line in it is new.
+    """
+    lines = [line for line in tail.splitlines() if line.startswith(PROGRESS_PREFIX)]
+    if last in lines:
+        return lines[len(lines) - lines[::-1].index(last) :]
+    return lines
+
+
 def error_text(logs: str, tail_lines: int = 20) -> str:
     """The job's own error message if it printed one, else the tail of its log."""
     errors = [line for line in logs.splitlines() if line.startswith(ERROR_PREFIX)]

@@ -16,7 +16,13 @@ def get_provider_info() -> dict[str, Any]:
         "integrations": [
             {"integration-name": "Matrix on Ray", "external-doc-url": "https://docs.ray.io/", "tags": ["software"]}
         ],
-        "operators": [{"integration-name": "Matrix on Ray", "python-modules": ["matrix_provider.operators.pipeline"]}],
+        "operators": [
+            {
+                "integration-name": "Matrix on Ray",
+                "python-modules": ["matrix_provider.operators.pipeline", "matrix_provider.operators.stop"],
+            }
+        ],
+        "sensors": [{"integration-name": "Matrix on Ray", "python-modules": ["matrix_provider.sensors.ray_job"]}],
         "hooks": [{"integration-name": "Matrix on Ray", "python-modules": ["matrix_provider.hooks.ray_jobs"]}],
         "triggers": [{"integration-name": "Matrix on Ray", "python-modules": ["matrix_provider.triggers.ray_job"]}],
         "extra-links": ["matrix_provider.links.ray.RayJobLink", "matrix_provider.links.ray.GrafanaLink"],
@@ -38,6 +44,11 @@ def get_provider_info() -> dict[str, Any]:
                         "description": "Public URL of the dashboard, if it differs from host:port",
                     },
                     "grafana_url": {"label": "Grafana URL", "schema": {"type": ["string", "null"]}},
+                    "retry_s": {
+                        "label": "Retry window per call (s)",
+                        "schema": {"type": ["number", "null"], "default": 30},
+                        "description": "How long one Jobs API call rides out a dashboard outage or HTTP 5xx",
+                    },
                 },
                 "ui-field-behaviour": {
                     "hidden-fields": ["schema", "login", "extra"],

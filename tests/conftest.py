@@ -77,6 +77,16 @@ def _kill_cluster(gcs_port: int) -> None:
             proc.kill()
 
 
+def ensure_token(env: dict[str, str]) -> str:
+    """The token `ray start` needs in token mode; generated into ~/.ray/auth_token on a fresh machine."""
+    token_file = Path.home() / ".ray" / "auth_token"
+    if not token_file.exists():
+        subprocess.run(
+            [str(VENV_BIN / "ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True
+        )
+    return token_file.read_text().strip()
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
     gcs_port, dash_port = free_port(), free_port()
@@ -101,9 +111,8 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster
         f"--metrics-export-port={free_port()}",
     ]
     workdir = tmp_path_factory.mktemp("raycwd")  # never start jobs beside Ray's temp dir
+    token = ensure_token(env)
     subprocess.run(cmd, check=True, env=env, cwd=workdir, capture_output=True, timeout=180)
-    token_file = Path.home() / ".ray" / "auth_token"
-    token = token_file.read_text().strip() if token_file.exists() else None
     run_env = {**env, "RAY_ADDRESS": f"127.0.0.1:{gcs_port}"}
     wait_port(dash_port)
     try:
@@ -271,6 +280,12 @@ class AirflowEnv:
             cwd=self.home,
         )
 
+    def prepare(self) -> None:
+        """Migrate the metadata DB and create the GPU pool the shipped DAGs ask for."""
+        for args in (("db", "migrate"), ("pools", "set", "matrix_gpu", "4", "GPU capacity")):
+            result = self.airflow(*args, timeout=300)
+            assert result.returncode == 0, result.stderr[-3000:]
+
     def python(self, code: str) -> str:
         """Run code in a fresh interpreter against this Airflow's database; returns its stdout."""
         result = subprocess.run(
@@ -299,8 +314,6 @@ def airflow_env(ray_cluster: RayCluster, tmp_path_factory: pytest.TempPathFactor
         MATRIX_CURATION_PARTITIONS="2",
     )
     env.pop("MATRIX_TEST_PROXY_KEY_VALUE", None)
-    result = subprocess.run(
-        [str(VENV_BIN / "airflow"), "db", "migrate"], env=env, capture_output=True, text=True, timeout=300, cwd=home
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return AirflowEnv(home, env)
+    airflow = AirflowEnv(home, env)
+    airflow.prepare()
+    return airflow

@@ -45,6 +45,8 @@ from pathlib import Path
 
 import psutil
 
+from tests.conftest import ensure_token
+
 VENV_BIN = Path(sys.executable).parent
 
 # Ray 2.60 names (ray_config_def.h); a misspelt one makes the GCS exit ("unexpected config parameter").
@@ -125,16 +127,6 @@ def free_ports(count: int) -> list[int]:
     finally:
         for sock in socks:
             sock.close()
-
-
-def ensure_token(env: dict[str, str]) -> str:
-    """The token `ray start` needs in token mode; generated into ~/.ray/auth_token if missing."""
-    token_file = Path.home() / ".ray" / "auth_token"
-    if not token_file.exists():
-        subprocess.run(
-            [str(VENV_BIN / "ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True
-        )
-    return token_file.read_text().strip()
 
 
 def node_states(cluster: MultiNodeCluster) -> dict[str, str]:

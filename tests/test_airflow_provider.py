@@ -162,7 +162,9 @@ def test_kill_stops_the_ray_job(conn_env, tmp_path: Path) -> None:
 def test_trigger_round_trip_and_kill(conn_env, tmp_path: Path) -> None:
     import asyncio
 
-    trigger = MatrixRayJobTrigger("sub-1", "matrix_ray_default", poll_interval=2.5, log_offset=7, deadline=123.0)
+    trigger = MatrixRayJobTrigger(
+        "sub-1", "matrix_ray_default", poll_interval=2.5, deadline=123.0, outage_since=99.0, last_progress="x"
+    )
     path, kwargs = trigger.serialize()
     module, _, name = path.rpartition(".")
     clone = getattr(__import__(module, fromlist=[name]), name)(**kwargs)
@@ -201,17 +203,24 @@ def test_bad_input_fails_at_once_with_the_fix(conn_env, tmp_path: Path, monkeypa
         MatrixPipelineOperator(
             task_id="bad", pipeline="natural_reasoning", input_uri="x", output_uri="y", ray_conn_id="wrong_token"
         ).execute(ctx)
-    monkeypatch.setenv("AIRFLOW_CONN_DEAD", json.dumps({**conn, "port": 9}))
-    with pytest.raises(AirflowException, match="unreachable"):
+    monkeypatch.setenv("AIRFLOW_CONN_DEAD", json.dumps({**conn, "port": 9, "extra": {"retry_s": 2}}))
+    with pytest.raises(
+        AirflowException, match=r"dashboard http://127.0.0.1:9 unavailable for [1-9]\d*s \(ConnectError\)"
+    ):
         MatrixPipelineOperator(
             task_id="bad", pipeline="natural_reasoning", input_uri="x", output_uri="y", ray_conn_id="dead"
         ).execute(ctx)
 
 
 def test_submission_ids_are_deterministic_per_task_instance() -> None:
-    a = submission_id_for("dag", "task", "run-1", -1)
-    assert a == submission_id_for("dag", "task", "run-1", -1)
-    assert len({a, submission_id_for("dag", "task", "run-2", -1), submission_id_for("dag", "task", "run-1", 3)}) == 3
+    a = submission_id_for("dag", "task", "run-1", -1, "w")
+    assert a == submission_id_for("dag", "task", "run-1", -1, "w")
+    others = {
+        submission_id_for("dag", "task", "run-2", -1, "w"),
+        submission_id_for("dag", "task", "run-1", 3, "w"),
+        submission_id_for("dag", "task", "run-1", -1, "other work"),
+    }
+    assert a not in others and len(others) == 3
 
 
 def test_entrypoint_holds_no_secret_and_quotes_arguments() -> None:

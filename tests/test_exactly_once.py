@@ -20,7 +20,7 @@ from matrix_provider.runtime.lease import LEASE_FILE, Lease, StaleRun, check_gen
 from matrix_provider.runtime.sink import OutputError, OutputStore
 from tests.conftest import REPO, VENV_BIN, assert_exactly_once, committed_units, read_manifest, read_output, run_matrix
 from tests.corpus import doc_text, write_jsonl
-from tests.s3_faults import PART_FILES, S3FaultProxy
+from tests.fault_proxy import PART_FILES, FaultProxy
 
 FAST_SIM = ["llm=sim", "llm.decode_s_per_token=0.001", "llm.output_tokens_mean=8", "llm.slots=64"]
 CORAL = str(REPO / "bench" / "coral_shaped.yaml")
@@ -226,7 +226,7 @@ def test_a_part_write_that_fails_twice_then_succeeds_loses_nothing(ray_cluster, 
     src = write_jsonl(tmp_path / "in" / "d.jsonl", 50)
     out = f"s3://{s3_server.bucket}/flaky-{tmp_path.name}"
     env = {k: v for k, v in s3_server.env.items() if k != "AWS_ENDPOINT_URL"}
-    with S3FaultProxy(s3_server.endpoint, fail_first=2, path_regex=PART_FILES) as proxy:
+    with FaultProxy(s3_server.endpoint, fail_first=2, path_regex=PART_FILES) as proxy:
         options = [
             f"++io.storage_options.client_kwargs.endpoint_url={proxy.endpoint}",
             "++io.storage_options.config_kwargs.retries.total_max_attempts=1",  # no retries inside botocore

@@ -2,23 +2,54 @@
 
 The connection (type `matrix_ray`, default id `matrix_ray_default`) holds the dashboard's host
 and port, the Ray auth token as its password, and extras: `tls` (https), `verify_tls`,
-`dashboard_url` (public link for the UI), `grafana_url`.
+`dashboard_url` (public link for the UI), `grafana_url`, `retry_s` (how long one call rides out
+an outage, default 30).
+
+Every call retries connection errors and HTTP 5xx with exponential backoff for up to `retry_s`
+seconds, then raises `RayUnavailable` naming the URL and how long it was down: a dashboard
+restart or a network blip must not fail a task whose Ray job is still running. Logs are read
+as a tail (the State API's `lines=`), never whole: a day-long job prints tens of thousands of
+lines.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import httpx
+import tenacity
 from airflow.sdk import BaseHook
 
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
 ACTIVE = frozenset({"PENDING", "RUNNING"})
+DEFAULT_RETRY_S = 30.0
+_FALSE = frozenset({"false", "0", "no", "off", ""})
 
 
 class RayJobsError(RuntimeError):
     """The Ray Jobs API cannot be used; the message names the cause and the fix."""
+
+
+class RayUnavailable(RayJobsError):
+    """The dashboard stayed unreachable (or answered 5xx) for the whole retry window."""
+
+
+class _Transient(Exception):
+    def __init__(self, cause: str) -> None:
+        super().__init__(cause)
+        self.cause = cause
+
+
+def flag(value: Any, default: bool) -> bool:
+    """A boolean connection extra: from a URI every extra is a string, and `"false"` is truthy."""
+    if value is None:
+        return default
+    if isinstance(value, str):
+        return value.strip().lower() not in _FALSE
+    return bool(value)
 
 
 @dataclass(frozen=True)
@@ -28,6 +59,7 @@ class RayEndpoint:
     verify: bool
     dashboard_url: str
     grafana_url: str | None
+    retry_s: float = 30.0
 
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
@@ -39,10 +71,13 @@ class MatrixRayHook(BaseHook):
     conn_type = "matrix_ray"
     hook_name = "Matrix on Ray (Jobs API)"
 
-    def __init__(self, ray_conn_id: str = default_conn_name, timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, ray_conn_id: str = default_conn_name, timeout_s: float = 30.0, retry_s: float | None = None
+    ) -> None:
         super().__init__()
         self.ray_conn_id = ray_conn_id
         self.timeout_s = timeout_s
+        self.retry_s = retry_s
         self._endpoint: RayEndpoint | None = None
 
     # -- connection -----------------------------------------------------------------------------
@@ -50,14 +85,15 @@ class MatrixRayHook(BaseHook):
         extra = conn.extra_dejson or {}
         if not conn.host:
             raise RayJobsError(f"connection {self.ray_conn_id!r} has no host: set the Ray dashboard's host")
-        scheme = "https" if extra.get("tls") or conn.schema == "https" else "http"
+        scheme = "https" if flag(extra.get("tls"), False) or conn.schema == "https" else "http"
         base = f"{scheme}://{conn.host}:{conn.port or 8265}"
         return RayEndpoint(
             base_url=base,
             token=conn.password or None,
-            verify=bool(extra.get("verify_tls", True)),
+            verify=flag(extra.get("verify_tls"), True),
             dashboard_url=str(extra.get("dashboard_url") or base).rstrip("/"),
-            grafana_url=extra.get("grafana_url"),
+            grafana_url=extra.get("grafana_url") or None,
+            retry_s=float(extra.get("retry_s", DEFAULT_RETRY_S)),
         )
 
     def endpoint(self) -> RayEndpoint:
@@ -78,22 +114,61 @@ class MatrixRayHook(BaseHook):
             self._endpoint = self._endpoint_from(conn)
         return self._endpoint
 
-    # -- sync API (workers) ---------------------------------------------------------------------
-    def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
-        ep = self.endpoint()
+    def test_connection(self) -> tuple[bool, str]:
+        """The UI's Test button: reach the dashboard, and have a job listing accept our token."""
         try:
-            with httpx.Client(verify=ep.verify, timeout=self.timeout_s) as client:
-                resp = client.request(method, ep.base_url + path, headers=ep.headers(), **kw)
-        except httpx.HTTPError as exc:
-            raise RayJobsError(_unreachable(ep.base_url, self.ray_conn_id, exc)) from None
+            version = self.version()
+            self._request("GET", "/api/jobs/?limit=1", retry=False)
+        except RayJobsError as exc:
+            return False, str(exc)
+        return True, f"Ray {version.get('ray_version', '?')} at {self.endpoint().base_url} accepted the token"
+
+    # -- retries --------------------------------------------------------------------------------
+    def _retry_policy(self, ep: RayEndpoint, retry: bool) -> dict[str, Any]:
+        window = (self.retry_s if self.retry_s is not None else ep.retry_s) if retry else 0
+        return {
+            "stop": tenacity.stop_after_delay(window),
+            "wait": tenacity.wait_exponential(multiplier=0.5, max=8),
+            "retry": tenacity.retry_if_exception_type(_Transient),
+            "reraise": True,
+        }
+
+    def _classify(self, resp: httpx.Response, retry_5xx: bool) -> httpx.Response:
         _check_auth(resp, self.ray_conn_id)
+        if retry_5xx and resp.status_code >= 500:
+            raise _Transient(f"HTTP {resp.status_code}: {resp.text[:200]}")
         return resp
 
-    def check(self) -> None:
-        """Fail with the cause if the dashboard is unreachable or refuses our token."""
-        resp = self._request("GET", "/api/jobs/")
+    def _unavailable(self, base_url: str, started: float, exc: _Transient) -> RayUnavailable:
+        return RayUnavailable(
+            f"Ray dashboard {base_url} unavailable for {time.monotonic() - started:.0f}s ({exc.cause}); check "
+            f"host and port of connection {self.ray_conn_id!r} and that the Ray head is up"
+        )
+
+    # -- sync API (workers) ---------------------------------------------------------------------
+    def _request(self, method: str, path: str, retry: bool = True, retry_5xx: bool = True, **kw: Any) -> httpx.Response:
+        ep = self.endpoint()
+        started = time.monotonic()
+
+        def once() -> httpx.Response:
+            try:
+                with httpx.Client(verify=ep.verify, timeout=self.timeout_s) as client:
+                    resp = client.request(method, ep.base_url + path, headers=ep.headers(), **kw)
+            except httpx.HTTPError as exc:
+                raise _Transient(type(exc).__name__) from None
+            return self._classify(resp, retry_5xx)
+
+        try:
+            return tenacity.Retrying(**self._retry_policy(ep, retry))(once)
+        except _Transient as exc:
+            raise self._unavailable(ep.base_url, started, exc) from None
+
+    def version(self) -> dict[str, Any]:
+        """One cheap call that proves the dashboard is up (never lists the cluster's jobs)."""
+        resp = self._request("GET", "/api/version")
         if resp.status_code != 200:
-            raise RayJobsError(f"Ray Jobs API answered HTTP {resp.status_code}: {resp.text[:300]}")
+            raise RayJobsError(f"Ray dashboard answered HTTP {resp.status_code} on /api/version: {resp.text[:300]}")
+        return resp.json()
 
     def submit(
         self,
@@ -101,58 +176,83 @@ class MatrixRayHook(BaseHook):
         submission_id: str,
         runtime_env: dict[str, Any] | None = None,
         metadata: dict[str, str] | None = None,
+        placement: dict[str, Any] | None = None,
     ) -> str:
         body: dict[str, Any] = {"entrypoint": entrypoint, "submission_id": submission_id, "metadata": metadata or {}}
         if runtime_env:
             body["runtime_env"] = runtime_env
+        body |= placement or {}
         resp = self._request("POST", "/api/jobs/", json=body)
         if resp.status_code != 200:
             raise RayJobsError(f"Ray refused job {submission_id!r} (HTTP {resp.status_code}): {resp.text[:500]}")
         return resp.json()["submission_id"]
 
     def get_job(self, submission_id: str) -> dict[str, Any] | None:
-        resp = self._request("GET", f"/api/jobs/{submission_id}")
-        if resp.status_code == 404:
-            return None
-        resp.raise_for_status()
-        return resp.json()
+        resp = self._request("GET", f"/api/jobs/{quote(submission_id)}")
+        return None if resp.status_code == 404 else _json(resp)
 
-    def get_logs(self, submission_id: str) -> str:
-        resp = self._request("GET", f"/api/jobs/{submission_id}/logs")
-        return resp.json().get("logs", "") if resp.status_code == 200 else ""
+    def tail_logs(self, submission_id: str, lines: int = 200, node_id: str | None = None) -> str:
+        """The last `lines` lines of the job's driver log ("" when Ray has none yet or any more).
+
+        The State API needs the driver's node (`driver_node_id` of the job); it answers 500 for a
+        log that is not written yet or already gone, which no retry changes.
+        """
+        node_id = node_id or (self.get_job(submission_id) or {}).get("driver_node_id")
+        if not node_id:
+            return ""
+        resp = self._request("GET", _tail_path(submission_id, lines, node_id), retry_5xx=False)
+        return resp.text if resp.status_code == 200 else ""
 
     def stop(self, submission_id: str) -> bool:
-        resp = self._request("POST", f"/api/jobs/{submission_id}/stop")
+        resp = self._request("POST", f"/api/jobs/{quote(submission_id)}/stop")
         return resp.status_code == 200 and bool(resp.json().get("stopped"))
 
     def list_jobs(self) -> list[dict[str, Any]]:
-        return self._request("GET", "/api/jobs/").json()
+        return _json(self._request("GET", "/api/jobs/"))
 
     # -- async API (triggers: never block the triggerer's event loop) ---------------------------
-    async def _arequest(self, method: str, path: str, **kw: Any) -> httpx.Response:
+    async def _arequest(self, method: str, path: str, retry_5xx: bool = True, **kw: Any) -> httpx.Response:
         ep = await self.aendpoint()
+        started = time.monotonic()
+
+        async def once() -> httpx.Response:
+            try:
+                async with httpx.AsyncClient(verify=ep.verify, timeout=self.timeout_s) as client:
+                    resp = await client.request(method, ep.base_url + path, headers=ep.headers(), **kw)
+            except httpx.HTTPError as exc:
+                raise _Transient(type(exc).__name__) from None
+            return self._classify(resp, retry_5xx)
+
         try:
-            async with httpx.AsyncClient(verify=ep.verify, timeout=self.timeout_s) as client:
-                resp = await client.request(method, ep.base_url + path, headers=ep.headers(), **kw)
-        except httpx.HTTPError as exc:
-            raise RayJobsError(_unreachable(ep.base_url, self.ray_conn_id, exc)) from None
-        _check_auth(resp, self.ray_conn_id)
-        return resp
+            return await tenacity.AsyncRetrying(**self._retry_policy(ep, True))(once)
+        except _Transient as exc:
+            raise self._unavailable(ep.base_url, started, exc) from None
 
     async def aget_job(self, submission_id: str) -> dict[str, Any] | None:
-        resp = await self._arequest("GET", f"/api/jobs/{submission_id}")
-        if resp.status_code == 404:
-            return None
-        resp.raise_for_status()
-        return resp.json()
+        resp = await self._arequest("GET", f"/api/jobs/{quote(submission_id)}")
+        return None if resp.status_code == 404 else _json(resp)
 
-    async def aget_logs(self, submission_id: str) -> str:
-        resp = await self._arequest("GET", f"/api/jobs/{submission_id}/logs")
-        return resp.json().get("logs", "") if resp.status_code == 200 else ""
+    async def atail_logs(self, submission_id: str, lines: int = 200, node_id: str | None = None) -> str:
+        node_id = node_id or ((await self.aget_job(submission_id)) or {}).get("driver_node_id")
+        if not node_id:
+            return ""
+        resp = await self._arequest("GET", _tail_path(submission_id, lines, node_id), retry_5xx=False)
+        return resp.text if resp.status_code == 200 else ""
 
     async def astop(self, submission_id: str) -> bool:
-        resp = await self._arequest("POST", f"/api/jobs/{submission_id}/stop")
+        resp = await self._arequest("POST", f"/api/jobs/{quote(submission_id)}/stop")
         return resp.status_code == 200 and bool(resp.json().get("stopped"))
+
+
+def _tail_path(submission_id: str, lines: int, node_id: str) -> str:
+    query = f"submission_id={quote(submission_id)}&node_id={quote(node_id)}&lines={int(lines)}"
+    return f"/api/v0/logs/file?{query}&filter_ansi_code=true"
+
+
+def _json(resp: httpx.Response) -> Any:
+    if resp.status_code != 200:
+        raise RayJobsError(f"Ray Jobs API answered HTTP {resp.status_code} on {resp.url.path}: {resp.text[:300]}")
+    return resp.json()
 
 
 def _missing(conn_id: str, exc: Exception) -> str:
@@ -160,13 +260,6 @@ def _missing(conn_id: str, exc: Exception) -> str:
         f"Airflow connection {conn_id!r} not found ({type(exc).__name__}). Create it, e.g. "
         f'AIRFLOW_CONN_{conn_id.upper()}=\'{{"conn_type": "matrix_ray", "host": "<ray head>", '
         f'"port": 8265, "password": "<ray auth token>"}}\''
-    )
-
-
-def _unreachable(base_url: str, conn_id: str, exc: Exception) -> str:
-    return (
-        f"Ray dashboard {base_url} unreachable ({type(exc).__name__}); check host and port of connection "
-        f"{conn_id!r} and that the Ray head is up"
     )
 
 

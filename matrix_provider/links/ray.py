@@ -12,6 +12,8 @@ from airflow.sdk import BaseOperatorLink
 
 RAY_JOB_URL_KEY = "matrix_ray_job_url"
 GRAFANA_URL_KEY = "matrix_grafana_url"
+# The rendered `ray_conn_id`: the UI asks Ray about a running job through the task's own connection.
+CONN_ID_KEY = "matrix_ray_conn_id"
 
 
 class _XComLink(BaseOperatorLink):

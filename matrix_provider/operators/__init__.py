@@ -1,5 +1,6 @@
 """Airflow operators."""
 
 from matrix_provider.operators.pipeline import MatrixPipelineOperator
+from matrix_provider.operators.stop import MatrixStopJobOperator
 
-__all__ = ["MatrixPipelineOperator"]
+__all__ = ["MatrixPipelineOperator", "MatrixStopJobOperator"]

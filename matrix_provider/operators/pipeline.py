@@ -1,27 +1,35 @@
 """MatrixPipelineOperator: run a matrix pipeline as a Ray job, deferrable, re-attaching, killable.
 
-Flow (the shape of Airflow's Databricks operators): render and check the arguments, then submit
-the job under a submission id derived from dag, task, run and map index. A retry or a restarted
-worker finds that id on the cluster and re-attaches to a running job, or returns at once if it
-already succeeded; only after a failure does it submit again (as `<id>-r1`, `-r2`, …), and the
-sink's resume makes that cheap. Then defer to MatrixRayJobTrigger (or poll in the worker when
-`deferrable=False`). The XCom value is the run's manifest, and each outlet Asset event carries
-the manifest counts.
+Flow (the shape of Airflow's Databricks and BigQuery operators): render and check the arguments,
+then submit the job under a submission id derived from the task instance *and a hash of the work*
+(rendered entrypoint, runtime_env, driver placement, provider version). A plain retry or a
+restarted worker finds that id on the cluster and re-attaches to a running job, or returns at once
+if it already succeeded; a cleared task whose work changed (other overrides, other code, another
+shard under the same map index) gets a new id and runs. `force_rerun=True` adds the try number.
+After a failure it submits again (as `<id>-r1`, `-r2`, …), and the sink's resume makes that cheap.
+
+Then defer to MatrixRayJobTrigger (or poll in the worker), or return the submission at once with
+`wait_for_completion=False` for a MatrixRayJobSensor to wait on. The XCom value is the run's
+manifest, and each outlet Asset event carries the manifest counts.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import shlex
 import time
 from collections.abc import Sequence
 from typing import Any
 
-from airflow.sdk import Asset, BaseOperator
+from airflow.providers.common.compat.sdk import conf
+from airflow.sdk import Asset, AssetAlias, BaseOperator
 
-from matrix_provider.hooks.ray_jobs import ACTIVE, TERMINAL, MatrixRayHook
+from matrix_provider import __version__
+from matrix_provider.hooks.ray_jobs import ACTIVE, TERMINAL, MatrixRayHook, RayJobsError
 from matrix_provider.links.ray import (
+    CONN_ID_KEY,
     GRAFANA_URL_KEY,
     RAY_JOB_URL_KEY,
     GrafanaLink,
@@ -29,8 +37,10 @@ from matrix_provider.links.ray import (
     grafana_url,
     ray_job_url,
 )
-from matrix_provider.protocol import MANIFEST_FIGURES, PROGRESS_PREFIX, error_text, parse_manifest, shipped_pipelines
-from matrix_provider.triggers.ray_job import MatrixRayJobTrigger
+from matrix_provider.operators.lineage import lineage_for
+from matrix_provider.operators.outcome import failure_message, manifest_of, outlet_extra, will_retry
+from matrix_provider.protocol import new_progress, shipped_pipelines
+from matrix_provider.triggers.ray_job import TAIL_LINES, MatrixRayJobTrigger
 
 try:
     from airflow.sdk.exceptions import AirflowException
@@ -38,13 +48,32 @@ except ImportError:  # pragma: no cover - older layouts
     from airflow.exceptions import AirflowException
 
 _MAX_RESUBMITS = 1000
+_PLACEMENT = ("entrypoint_num_cpus", "entrypoint_num_gpus", "entrypoint_memory", "entrypoint_resources")
 
 
-def submission_id_for(dag_id: str, task_id: str, run_id: str, map_index: int) -> str:
-    """Deterministic and Ray-safe: the same task instance always names the same job."""
+def submission_id_for(dag_id: str, task_id: str, run_id: str, map_index: int, work: str = "") -> str:
+    """Deterministic and Ray-safe: the same task instance doing the same work names the same job."""
     slug = re.sub(r"[^a-z0-9]+", "-", f"{dag_id}-{task_id}".lower()).strip("-")[:60]
-    digest = hashlib.sha256(f"{dag_id}|{task_id}|{run_id}|{map_index}".encode()).hexdigest()[:12]
+    digest = hashlib.sha256(f"{dag_id}|{task_id}|{run_id}|{map_index}|{work}".encode()).hexdigest()[:12]
     return f"matrix-{slug}-{digest}"
+
+
+def default_outlet(dag_id: str, task_id: str) -> Asset:
+    """One asset per (DAG, task): two DAGs with a `curate` task must not feed each other."""
+    return Asset(name=f"matrix-{dag_id}-{task_id}", uri=f"matrix://{dag_id}/{task_id}")
+
+
+def _with_default_outlets(task_id: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    if "outlets" in kwargs:
+        return kwargs
+    from airflow.sdk.definitions._internal.contextmanager import DagContext, TaskGroupContext
+
+    dag = kwargs.get("dag") or DagContext.get_current()
+    if dag is None:
+        return kwargs
+    group = kwargs.get("task_group") or TaskGroupContext.get_current(dag)
+    full_id = group.child_id(task_id) if group else task_id
+    return {**kwargs, "outlets": [default_outlet(dag.dag_id, full_id)]}
 
 
 class MatrixPipelineOperator(BaseOperator):
@@ -53,21 +82,44 @@ class MatrixPipelineOperator(BaseOperator):
     :param pipeline: shipped pipeline name (e.g. ``natural_reasoning``) or a YAML path on the cluster.
     :param input_uri: file, folder or glob; local to the cluster or ``s3://``. Templated.
     :param output_uri: output folder; rerunning on it resumes. Templated.
-    :param partitions: data-parallel partition drivers.
-    :param concurrency: rows in flight per partition.
+    :param partitions: data-parallel partition drivers. Templated.
+    :param concurrency: rows in flight per partition. Templated.
     :param overrides: Hydra overrides, e.g. ``{"llm": "sim", "roles.score.replicas": 4}``. Templated.
-    :param ray_conn_id: connection of type ``matrix_ray`` (Ray dashboard host/port, token as password).
+    :param ray_conn_id: connection of type ``matrix_ray`` (Ray dashboard host/port, token as password). Templated.
     :param runtime_env: Ray runtime_env for the job (e.g. ``{"pip": [...]}``); never put secrets here.
-    :param deferrable: wait in the triggerer (default) instead of holding a worker slot.
+    :param deferrable: wait in the triggerer instead of holding a worker slot
+        (default: ``[operators] default_deferrable``).
+    :param wait_for_completion: False returns ``{"ray_submission_id": …}`` once the job is submitted.
+    :param force_rerun: a new Ray job on every try, even when an identical one already succeeded.
     :param poll_interval: seconds between status checks.
+    :param outage_budget_s: how long a dashboard outage is waited out before the task fails
+        (the Ray job keeps running; a retry re-attaches to it).
     :param overwrite: replace an output written by a different config.
+    :param output_alias: an AssetAlias name; each success adds the real output folder to it.
+    :param entrypoint_num_cpus: CPUs reserved for the job's driver (Ray Jobs API), likewise
+        ``entrypoint_num_gpus``, ``entrypoint_memory`` (bytes) and ``entrypoint_resources``.
     :param matrix_command: the `matrix` executable on the cluster.
     """
 
-    template_fields: Sequence[str] = ("pipeline", "input_uri", "output_uri", "overrides")
+    template_fields: Sequence[str] = (
+        "pipeline",
+        "input_uri",
+        "output_uri",
+        "overrides",
+        "ray_conn_id",
+        "partitions",
+        "concurrency",
+    )
     template_fields_renderers = {"overrides": "json"}
     operator_extra_links = (RayJobLink(), GrafanaLink())
     ui_color = "#e8f0fe"
+
+    @classmethod
+    def partial(cls, *, task_id: str, **kwargs: Any) -> Any:  # type: ignore[override]
+        """Mapped tasks get the default outlet too: the scheduler reads it from the partial kwargs."""
+        from airflow.sdk.bases.operator import partial
+
+        return partial(cls, task_id=task_id, **_with_default_outlets(task_id, kwargs))
 
     def __init__(
         self,
@@ -75,18 +127,28 @@ class MatrixPipelineOperator(BaseOperator):
         pipeline: str,
         input_uri: str,
         output_uri: str,
-        partitions: int = 1,
-        concurrency: int = 64,
+        partitions: int | str = 1,
+        concurrency: int | str = 64,
         overrides: dict[str, Any] | None = None,
         ray_conn_id: str = MatrixRayHook.default_conn_name,
         runtime_env: dict[str, Any] | None = None,
-        deferrable: bool = True,
+        deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
+        wait_for_completion: bool = True,
+        force_rerun: bool = False,
         poll_interval: float = 5.0,
+        outage_budget_s: float = 900.0,
         overwrite: bool = False,
+        output_alias: str | None = None,
+        entrypoint_num_cpus: float | None = None,
+        entrypoint_num_gpus: float | None = None,
+        entrypoint_memory: int | None = None,
+        entrypoint_resources: dict[str, float] | None = None,
         matrix_command: str = "matrix",
         **kwargs: Any,
     ) -> None:
-        kwargs.setdefault("outlets", [Asset(name=f"matrix-{kwargs['task_id']}", uri=f"matrix://{kwargs['task_id']}")])
+        kwargs = _with_default_outlets(kwargs["task_id"], kwargs)
+        if output_alias:
+            kwargs["outlets"] = [*kwargs.get("outlets", []), AssetAlias(name=output_alias)]
         super().__init__(**kwargs)
         self.pipeline = pipeline
         self.input_uri = input_uri
@@ -97,14 +159,27 @@ class MatrixPipelineOperator(BaseOperator):
         self.ray_conn_id = ray_conn_id
         self.runtime_env = runtime_env
         self.deferrable = deferrable
+        self.wait_for_completion = wait_for_completion
+        self.force_rerun = force_rerun
         self.poll_interval = poll_interval
+        self.outage_budget_s = outage_budget_s
         self.overwrite = overwrite
+        self.output_alias = output_alias
+        self.placement = {
+            k: v
+            for k, v in zip(
+                _PLACEMENT,
+                (entrypoint_num_cpus, entrypoint_num_gpus, entrypoint_memory, entrypoint_resources),
+                strict=True,
+            )
+            if v is not None
+        }
         self.matrix_command = matrix_command
         self._submission_id: str | None = None
 
     # -- checks and submission ------------------------------------------------------------------
     def _check_arguments(self) -> None:
-        for name in ("pipeline", "input_uri", "output_uri"):
+        for name in ("pipeline", "input_uri", "output_uri", "ray_conn_id"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value.strip():
                 raise AirflowException(
@@ -115,8 +190,15 @@ class MatrixPipelineOperator(BaseOperator):
                 f"unknown pipeline {self.pipeline!r}: use one of {', '.join(shipped_pipelines())} "
                 "or the path of a spec YAML on the cluster"
             )
-        if self.partitions < 1 or self.concurrency < 1:
-            raise AirflowException("partitions and concurrency must be at least 1")
+        for name in ("partitions", "concurrency"):
+            value = getattr(self, name)
+            try:
+                number = int(value)
+            except (TypeError, ValueError):
+                raise AirflowException(f"{name} must be a whole number, got {value!r}") from None
+            if number < 1:
+                raise AirflowException(f"{name} must be at least 1, got {number}")
+            setattr(self, name, number)
 
     def entrypoint(self) -> str:
         args = [
@@ -139,23 +221,46 @@ class MatrixPipelineOperator(BaseOperator):
         # A fresh working dir: a job started beside Ray's temp folder would import it as `ray`.
         return 'cd "$(mktemp -d)" && exec ' + shlex.join(args)
 
+    def work_hash(self, try_number: int) -> str:
+        """What the job does; any change in it names a new Ray job (so a clear reruns)."""
+        work = {
+            "entrypoint": self.entrypoint(),
+            "runtime_env": self.runtime_env,
+            "placement": self.placement,
+            "provider": __version__,
+            "try": try_number if self.force_rerun else None,
+        }
+        return hashlib.sha256(json.dumps(work, sort_keys=True, default=str).encode()).hexdigest()
+
+    def submission_id_of(self, context: Any) -> str:
+        """The first submission id this task instance uses for its current work."""
+        ti = context["ti"]
+        work = self.work_hash(getattr(ti, "try_number", 0))
+        return submission_id_for(ti.dag_id, ti.task_id, ti.run_id, getattr(ti, "map_index", -1), work)
+
     def submit_or_attach(self, hook: MatrixRayHook, context: Any) -> tuple[str, dict[str, Any] | None]:
         """(submission id, existing job or None when we just submitted)."""
         ti = context["ti"]
-        base = submission_id_for(ti.dag_id, ti.task_id, ti.run_id, getattr(ti, "map_index", -1))
+        base = self.submission_id_of(context)
         for attempt in range(_MAX_RESUBMITS):
             submission_id = base if attempt == 0 else f"{base}-r{attempt}"
             job = hook.get_job(submission_id)
             if job is None:
-                metadata = {"airflow_dag_id": ti.dag_id, "airflow_task_id": ti.task_id, "airflow_run_id": ti.run_id}
-                hook.submit(self.entrypoint(), submission_id, self.runtime_env, metadata)
+                metadata = {
+                    "airflow_dag_id": ti.dag_id,
+                    "airflow_task_id": ti.task_id,
+                    "airflow_run_id": ti.run_id,
+                    "airflow_map_index": str(getattr(ti, "map_index", -1)),
+                    "matrix_work_hash": self.work_hash(getattr(ti, "try_number", 0))[:16],
+                }
+                hook.submit(self.entrypoint(), submission_id, self.runtime_env, metadata, self.placement)
                 self.log.info("submitted Ray job %s", submission_id)
                 return submission_id, None
             if job["status"] in ACTIVE:
                 self.log.info("re-attached to running Ray job %s", submission_id)
                 return submission_id, job
             if job["status"] == "SUCCEEDED":
-                self.log.info("Ray job %s already succeeded", submission_id)
+                self.log.info("Ray job %s already succeeded (same work); force_rerun=True runs it again", submission_id)
                 return submission_id, job
             self.log.info("Ray job %s ended %s; submitting again", submission_id, job["status"])
         raise AirflowException(f"{_MAX_RESUBMITS} failed submissions of {base}; giving up")
@@ -165,33 +270,41 @@ class MatrixPipelineOperator(BaseOperator):
         self._check_arguments()
         hook = MatrixRayHook(self.ray_conn_id)
         try:
-            hook.check()
+            hook.version()
             submission_id, job = self.submit_or_attach(hook, context)
-        except RuntimeError as exc:
+        except RayJobsError as exc:
             raise AirflowException(str(exc)) from None
         self._submission_id = submission_id
         endpoint = hook.endpoint()
         context["ti"].xcom_push(key=RAY_JOB_URL_KEY, value=ray_job_url(endpoint.dashboard_url, submission_id))
         context["ti"].xcom_push(key=GRAFANA_URL_KEY, value=grafana_url(endpoint.grafana_url, submission_id))
+        context["ti"].xcom_push(key=CONN_ID_KEY, value=self.ray_conn_id)
+        if not self.wait_for_completion:
+            return {"ray_submission_id": submission_id, "status": (job or {}).get("status", "PENDING")}
         if job is not None and job["status"] == "SUCCEEDED":
             return self._finish(hook, submission_id, context)
         deadline = time.time() + self.execution_timeout.total_seconds() if self.execution_timeout else None
         if self.deferrable:
             self.defer(
-                trigger=MatrixRayJobTrigger(submission_id, self.ray_conn_id, self.poll_interval, deadline=deadline),
+                trigger=MatrixRayJobTrigger(
+                    submission_id,
+                    self.ray_conn_id,
+                    self.poll_interval,
+                    deadline=deadline,
+                    outage_budget_s=self.outage_budget_s,
+                ),
                 method_name="execute_complete",
             )
         return self._poll(hook, submission_id, context, deadline)
 
     def _poll(self, hook: MatrixRayHook, submission_id: str, context: Any, deadline: float | None) -> dict[str, Any]:
-        offset = 0
+        last = ""
         while True:
             job = hook.get_job(submission_id)
-            logs = hook.get_logs(submission_id)
-            for line in logs[offset:].splitlines():
-                if line.startswith(PROGRESS_PREFIX):
-                    self.log.info("%s", line)
-            offset = len(logs)
+            node_id = (job or {}).get("driver_node_id")
+            for line in new_progress(hook.tail_logs(submission_id, TAIL_LINES, node_id) if node_id else "", last):
+                self.log.info("%s", line)
+                last = line
             if job is None or job["status"] in TERMINAL:
                 status = job["status"] if job else "MISSING"
                 return self.execute_complete(
@@ -207,29 +320,40 @@ class MatrixPipelineOperator(BaseOperator):
         """Runs on a fresh operator instance: everything it needs is in the event."""
         hook = MatrixRayHook(self.ray_conn_id)
         submission_id = event["submission_id"]
+        self._submission_id = submission_id
+        if event["status"] == "ERROR" and not will_retry(context):
+            self._stop_quietly(hook, submission_id)
         if event["status"] != "SUCCEEDED":
-            logs = hook.get_logs(submission_id) if event["status"] in ("FAILED", "STOPPED") else ""
-            detail = error_text(logs) if logs else ""
-            raise AirflowException(
-                f"Ray job {submission_id} {event['status']}: {event.get('message') or ''}\n{detail}".strip()
-            )
+            raise AirflowException(failure_message(hook, event))
         return self._finish(hook, submission_id, context)
 
     def _finish(self, hook: MatrixRayHook, submission_id: str, context: Any) -> dict[str, Any]:
-        manifest = parse_manifest(hook.get_logs(submission_id))
-        if manifest is None:
-            raise AirflowException(f"Ray job {submission_id} succeeded but printed no manifest line")
-        extra = {k: manifest.get(k) for k in MANIFEST_FIGURES} | {
-            "output": manifest.get("output"),
-            "ray_submission_id": submission_id,
-        }
+        manifest = {**manifest_of(hook, submission_id, self.output_uri), "ray_submission_id": submission_id}
+        extra = outlet_extra(manifest, submission_id)
         for outlet in self.outlets:
             if isinstance(outlet, Asset):
                 context["outlet_events"][outlet].extra = extra
+            elif isinstance(outlet, AssetAlias):
+                context["outlet_events"][outlet].add(Asset(uri=_asset_uri(manifest.get("output") or "")), extra=extra)
         return manifest
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
+        """OpenLineage: input_uri -> output_uri (rendered), for lineage across DAGs."""
+        return lineage_for(self.input_uri, self.output_uri)
+
+    def _stop_quietly(self, hook: MatrixRayHook, submission_id: str) -> None:
+        """Last try and we lost sight of the job: stop it rather than leave it burning GPUs."""
+        try:
+            self.log.warning("no retry left: stopping Ray job %s (stopped=%s)", submission_id, hook.stop(submission_id))
+        except RayJobsError as exc:
+            self.log.error("could not stop Ray job %s; stop it by hand: %s", submission_id, exc)
 
     def on_kill(self) -> None:
         """Killed while polling in the worker (deferrable=False): stop the Ray job too."""
         if self._submission_id:
             MatrixRayHook(self.ray_conn_id).stop(self._submission_id)
             self.log.info("stopped Ray job %s", self._submission_id)
+
+
+def _asset_uri(output: str) -> str:
+    return output if "://" in output else "file://" + output

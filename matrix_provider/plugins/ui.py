@@ -1,88 +1,187 @@
 """The Matrix view in the Airflow UI: job state, progress and token throughput per task instance.
 
-A FastAPI app mounted in Airflow's API server at /matrix: `/matrix/` lists recent pipeline runs,
-and `/matrix/ti/{dag_id}/{run_id}/{task_id}/{map_index}` shows one task instance (embedded in the
-task-instance page as an external view). Finished runs show their manifest (from XCom); running
-ones show the Ray job's state and its latest progress line. Every row links to Ray and Grafana.
+A FastAPI app mounted in Airflow's API server at /matrix: `/matrix/` lists recent pipeline runs
+of the DAGs the user may read, and `/matrix/ti/{dag_id}/{run_id}/{task_id}/{map_index}` shows one
+task instance (embedded in the task-instance page as an external view). Requests authenticate
+as the core API's do (the UI's `_token` cookie or a bearer token) and are checked by the auth
+manager per DAG: 401 without credentials, 403 for a DAG the user may not read.
+
+The page costs one XCom query. Finished runs show their manifest (from XCom); running ones ask
+Ray through the task's own connection, in a bounded thread pool with a 3 s budget per page and
+results cached for 10 s, so a slow or dead dashboard never holds a request.
 """
 
 from __future__ import annotations
 
 import html
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor, wait
+from threading import Lock
 from typing import Any
 
+from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity
+from airflow.api_fastapi.core_api.security import GetUserDep, requires_access_dag
 from airflow.plugins_manager import AirflowPlugin
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.responses import HTMLResponse
 
-from matrix_provider.hooks.ray_jobs import MatrixRayHook, RayJobsError
-from matrix_provider.links.ray import GRAFANA_URL_KEY, RAY_JOB_URL_KEY
+from matrix_provider.hooks.ray_jobs import MatrixRayHook
+from matrix_provider.links.ray import CONN_ID_KEY, GRAFANA_URL_KEY, RAY_JOB_URL_KEY
 from matrix_provider.protocol import MANIFEST_FIGURES, parse_progress
 
 app = FastAPI(title="Matrix runs")
+_KEYS = (RAY_JOB_URL_KEY, GRAFANA_URL_KEY, CONN_ID_KEY, "return_value")
+_PAGE_ROWS = 50
+_LIVE_BUDGET_S = 3.0
+_LIVE_TTL_S = 10.0
 _STYLE = """body{font-family:system-ui,sans-serif;margin:16px;color:#1f2933}
 table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #cbd2d9;padding:4px 10px;text-align:right}
 th{background:#f0f4f8}td.l,th.l{text-align:left}.ok{color:#1b7f3b}.bad{color:#b42318}a{color:#1a56db}"""
+_COLUMNS = (
+    "dag_id",
+    "run_id",
+    "task_id",
+    "map_index",
+    "state",
+    "rows_in",
+    "rows_ok",
+    "rows_filtered",
+    "rows_error",
+    "rows_resumed",
+    "rows_done",
+    "in_flight",
+    "tokens_per_s",
+    "wall_seconds",
+)
+_TEXT = frozenset({"dag_id", "run_id", "task_id", "state"})
+TiKey = tuple[str, str, str, int]
 
 
-def _xcoms(key: str, limit: int = 200, **where: Any) -> list[Any]:
+# -- data ---------------------------------------------------------------------------------------
+def _task_xcoms(dag_ids: set[str] | None = None, ti: TiKey | None = None) -> dict[TiKey, dict[str, Any]]:
+    """Our XComs of the newest matrix task instances, in one query: {ti: {key: value}}."""
     from airflow.models.xcom import XComModel
     from airflow.utils.session import create_session
-    from sqlalchemy import select
+    from sqlalchemy import and_, select
 
+    x = XComModel
+    newest = select(x.dag_id, x.run_id, x.task_id, x.map_index).where(x.key == RAY_JOB_URL_KEY)
+    if dag_ids is not None:
+        newest = newest.where(x.dag_id.in_(dag_ids))
+    if ti is not None:
+        newest = newest.where(x.dag_id == ti[0], x.run_id == ti[1], x.task_id == ti[2], x.map_index == ti[3])
+    sub = newest.order_by(x.timestamp.desc()).limit(_PAGE_ROWS).subquery()
+    query = (
+        select(x)
+        .join(
+            sub,
+            and_(
+                x.dag_id == sub.c.dag_id,
+                x.run_id == sub.c.run_id,
+                x.task_id == sub.c.task_id,
+                x.map_index == sub.c.map_index,
+            ),
+        )
+        .where(x.key.in_(_KEYS))
+        .order_by(x.timestamp.desc())
+    )
+    found: dict[TiKey, dict[str, Any]] = {}
     with create_session() as session:
-        query = select(XComModel).where(XComModel.key == key)
-        for column, value in where.items():
-            query = query.where(getattr(XComModel, column) == value)
-        rows = session.scalars(query.order_by(XComModel.timestamp.desc()).limit(limit)).all()
-        return [(r.dag_id, r.run_id, r.task_id, r.map_index, XComModel.deserialize_value(r)) for r in rows]
+        for row in session.scalars(query):
+            found.setdefault((row.dag_id, row.run_id, row.task_id, row.map_index), {})[row.key] = (
+                XComModel.deserialize_value(row)
+            )
+    return found
 
 
-def _value(key: str, dag_id: str, run_id: str, task_id: str, map_index: int) -> Any:
-    rows = _xcoms(key, 1, dag_id=dag_id, run_id=run_id, task_id=task_id, map_index=map_index)
-    return rows[0][4] if rows else None
+class _LiveCache:
+    """Ray's view of running jobs: fetched in a small pool, kept for a few seconds, bounded in size."""
+
+    def __init__(self, size: int = 512) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="matrix-ui")
+        self._items: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()
+        self._lock = Lock()
+        self._size = size
+
+    def get_many(self, jobs: dict[str, str]) -> dict[str, dict[str, Any]]:
+        """{submission id: live view} for {submission id: conn id}; slow answers read 'unknown'."""
+        now = time.monotonic()
+        with self._lock:
+            fresh = {s: self._items[s][1] for s in jobs if s in self._items and now - self._items[s][0] < _LIVE_TTL_S}
+        futures = {s: self._pool.submit(_live, s, c) for s, c in jobs.items() if s not in fresh}
+        wait(futures.values(), timeout=_LIVE_BUDGET_S)
+        for sid, future in futures.items():
+            if future.done():
+                fresh[sid] = future.result()
+                with self._lock:
+                    self._items[sid] = (time.monotonic(), fresh[sid])
+                    self._items.move_to_end(sid)
+                    while len(self._items) > self._size:
+                        self._items.popitem(last=False)
+            else:
+                fresh[sid] = {"state": "unknown (Ray slow to answer)"}
+        return fresh
 
 
-def _live(job_url: str) -> dict[str, Any]:
-    """State and latest progress of a running job, straight from Ray (short timeout: a page must load)."""
-    submission_id = job_url.rsplit("/", 1)[-1]
-    hook = MatrixRayHook(timeout_s=3.0)
+def _live(submission_id: str, conn_id: str) -> dict[str, Any]:
+    """State and latest progress of a running job, from Ray through the task's own connection."""
+    from airflow.models.connection import Connection
+
+    hook = MatrixRayHook(conn_id, timeout_s=_LIVE_BUDGET_S, retry_s=0)
     try:
+        hook._endpoint = hook._endpoint_from(Connection.get_connection_from_secrets(conn_id))
         job = hook.get_job(submission_id) or {}
-        progress = {}
-        for line in reversed(hook.get_logs(submission_id).splitlines()):
-            if parsed := parse_progress(line):
-                progress = parsed
-                break
+        progress = next(
+            (
+                p
+                for line in reversed(hook.tail_logs(submission_id, 20, job.get("driver_node_id")).splitlines())
+                if (p := parse_progress(line))
+            ),
+            {},
+        )
         return {"state": job.get("status", "unknown"), **progress}
-    except (RayJobsError, OSError) as exc:
+    except Exception as exc:  # Ray down, token refused, connection missing: the page still renders
         return {"state": f"unknown ({type(exc).__name__})"}
 
 
-def _run_view(dag_id: str, run_id: str, task_id: str, map_index: int, job_url: str) -> dict[str, Any]:
-    manifest = _value("return_value", dag_id, run_id, task_id, map_index)
-    view: dict[str, Any] = {
-        "dag_id": dag_id,
-        "run_id": run_id,
-        "task_id": task_id,
-        "map_index": map_index,
-        "ray": job_url,
-        "grafana": _value(GRAFANA_URL_KEY, dag_id, run_id, task_id, map_index),
-    }
-    if isinstance(manifest, dict):
-        view |= {"state": "SUCCEEDED", **{k: manifest.get(k) for k in MANIFEST_FIGURES}}
-    else:
-        live = _live(job_url)
-        view |= {
-            "state": live.pop("state"),
-            "rows_done": live.get("rows_done"),
-            "in_flight": live.get("in_flight"),
-            "rows_error": live.get("errors"),
-            "tokens_per_s": live.get("tokens_per_s"),
+_LIVE = _LiveCache()
+
+
+def _views(found: dict[TiKey, dict[str, Any]]) -> list[dict[str, Any]]:
+    views, running = [], {}
+    for (dag_id, run_id, task_id, map_index), values in found.items():
+        job_url = values.get(RAY_JOB_URL_KEY) or ""
+        view: dict[str, Any] = {
+            "dag_id": dag_id,
+            "run_id": run_id,
+            "task_id": task_id,
+            "map_index": map_index,
+            "ray": job_url,
+            "grafana": values.get(GRAFANA_URL_KEY),
         }
-    return view
+        manifest = values.get("return_value")
+        if isinstance(manifest, dict) and "rows_in" in manifest:
+            view |= {"state": "SUCCEEDED", **{k: manifest.get(k) for k in MANIFEST_FIGURES}}
+        else:
+            view["submission_id"] = job_url.rsplit("/", 1)[-1]
+            running[view["submission_id"]] = values.get(CONN_ID_KEY) or MatrixRayHook.default_conn_name
+        views.append(view)
+    live = _LIVE.get_many(running) if running else {}
+    for view in views:
+        if sid := view.pop("submission_id", None):
+            now = live.get(sid, {})
+            view |= {
+                "state": now.get("state", "unknown"),
+                "rows_done": now.get("rows_done"),
+                "in_flight": now.get("in_flight"),
+                "rows_error": now.get("errors"),
+                "tokens_per_s": now.get("tokens_per_s"),
+            }
+    return views
 
 
+# -- page ---------------------------------------------------------------------------------------
 def _cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:,.1f}"
@@ -91,38 +190,24 @@ def _cell(value: Any) -> str:
     return html.escape("" if value is None else str(value))
 
 
+def _row(view: dict[str, Any]) -> str:
+    cells = []
+    for column in _COLUMNS:
+        css = "l" if column in _TEXT else ""
+        if column == "state":
+            state = view["state"]
+            css += " ok" if state == "SUCCEEDED" else (" bad" if state in ("FAILED", "STOPPED") else "")
+        cells.append(f'<td class="{css}">{_cell(view.get(column))}</td>')
+    links = f'<a href="{html.escape(view["ray"])}" target="_blank">Ray job</a>'
+    if view.get("grafana"):
+        links += f' · <a href="{html.escape(view["grafana"])}" target="_blank">Grafana</a>'
+    return f"<tr>{''.join(cells)}<td class='l'>{links}</td></tr>"
+
+
 def _page(title: str, views: list[dict[str, Any]]) -> HTMLResponse:
-    columns = [
-        "dag_id",
-        "run_id",
-        "task_id",
-        "state",
-        "rows_in",
-        "rows_ok",
-        "rows_filtered",
-        "rows_error",
-        "rows_resumed",
-        "rows_done",
-        "in_flight",
-        "tokens_per_s",
-        "wall_seconds",
-    ]
-    head = "".join(
-        f'<th class="{"l" if c in ("dag_id", "run_id", "task_id", "state") else ""}">{c}</th>' for c in columns
-    )
-    body = []
-    for v in views:
-        cells = []
-        for c in columns:
-            css = "l" if c in ("dag_id", "run_id", "task_id", "state") else ""
-            if c == "state":
-                css += " ok" if v["state"] == "SUCCEEDED" else (" bad" if v["state"] in ("FAILED", "STOPPED") else "")
-            cells.append(f'<td class="{css}">{_cell(v.get(c))}</td>')
-        links = f'<a href="{html.escape(v["ray"])}" target="_blank">Ray job</a>'
-        if v.get("grafana"):
-            links += f' · <a href="{html.escape(v["grafana"])}" target="_blank">Grafana</a>'
-        body.append(f"<tr>{''.join(cells)}<td class='l'>{links}</td></tr>")
-    rows = "".join(body) or f"<tr><td class='l' colspan='{len(columns) + 1}'>no matrix runs yet</td></tr>"
+    head = "".join(f'<th class="{"l" if c in _TEXT else ""}">{c}</th>' for c in _COLUMNS)
+    empty = f"<tr><td class='l' colspan='{len(_COLUMNS) + 1}'>no matrix runs yet</td></tr>"
+    rows = "".join(_row(v) for v in views) or empty
     return HTMLResponse(
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         f"<style>{_STYLE}</style></head><body><h2>{html.escape(title)}</h2>"
@@ -131,16 +216,23 @@ def _page(title: str, views: list[dict[str, Any]]) -> HTMLResponse:
 
 
 @app.get("/", response_class=HTMLResponse)
-def runs() -> HTMLResponse:
-    views = [_run_view(d, r, t, m, url) for d, r, t, m, url in _xcoms(RAY_JOB_URL_KEY, 50)]
-    return _page("Matrix pipeline runs", views)
+def runs(user: GetUserDep) -> HTMLResponse:
+    from airflow.api_fastapi.app import get_auth_manager
+
+    readable = get_auth_manager().get_authorized_dag_ids(user=user, method="GET")
+    return _page("Matrix pipeline runs", _views(_task_xcoms(dag_ids=readable)))
 
 
-@app.get("/ti/{dag_id}/{run_id}/{task_id}/{map_index}", response_class=HTMLResponse)
-def task_instance(dag_id: str, run_id: str, task_id: str, map_index: int = -1) -> HTMLResponse:
-    url = _value(RAY_JOB_URL_KEY, dag_id, run_id, task_id, map_index)
-    views = [_run_view(dag_id, run_id, task_id, map_index, url)] if url else []
-    return _page(f"Matrix: {dag_id} / {task_id}", views)
+@app.get(
+    "/ti/{dag_id}/{run_id}/{task_id}/{map_index}",
+    response_class=HTMLResponse,
+    dependencies=[Depends(requires_access_dag("GET", DagAccessEntity.XCOM))],
+)
+def task_instance(dag_id: str, run_id: str, task_id: str, map_index: str) -> HTMLResponse:
+    """`map_index` is "-1" or an index; the UI sends a literal `{MAP_INDEX}` for an unmapped task."""
+    index = int(map_index) if map_index.lstrip("-").isdigit() else -1
+    views = _views(_task_xcoms(ti=(dag_id, run_id, task_id, index)))
+    return _page(f"Matrix: {dag_id} / {task_id}" + (f" [{index}]" if index >= 0 else ""), views)
 
 
 class MatrixPlugin(AirflowPlugin):

@@ -53,7 +53,7 @@ class Reporter:
             print(
                 f"{PROGRESS_PREFIX}rows_done={done} in_flight={totals['in_flight']} "
                 f"ok={totals['rows_ok']} filtered={totals['rows_filtered']} errors={totals['rows_error']} "
-                f"resumed={totals['rows_resumed']} tokens_per_s={tokens / elapsed:.1f}",
+                f"resumed={totals['rows_resumed']} tokens_per_s={tokens / elapsed:.1f} elapsed_s={elapsed:.1f}",
                 flush=True,
             )
 

@@ -1,7 +1,10 @@
 """MatrixRayJobTrigger: waits for a Ray job in the triggerer, never blocking its event loop.
 
-It streams the job's `[matrix] progress` lines into the task log as they appear, fires one event
-when the job ends, and stops the job when a user kills the task (mark failed/success, clear).
+It logs the job's new `[matrix] progress` lines (read from a bounded log tail, parsed in a
+thread), fires one event when the job ends, and stops the job when a user kills the task.
+A dashboard outage is waited out for up to `outage_budget_s` (the start of the outage is part of
+the serialized state, so a triggerer restart does not reset it); only then does it fire ERROR,
+naming the URL and how long it was down. The Ray job keeps running: a retry re-attaches to it.
 """
 
 from __future__ import annotations
@@ -13,8 +16,10 @@ from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from matrix_provider.hooks.ray_jobs import TERMINAL, MatrixRayHook, RayJobsError
-from matrix_provider.protocol import PROGRESS_PREFIX
+from matrix_provider.hooks.ray_jobs import TERMINAL, MatrixRayHook, RayJobsError, RayUnavailable
+from matrix_provider.protocol import new_progress
+
+TAIL_LINES = 100
 
 
 class MatrixRayJobTrigger(BaseTrigger):
@@ -23,15 +28,21 @@ class MatrixRayJobTrigger(BaseTrigger):
         submission_id: str,
         ray_conn_id: str,
         poll_interval: float = 5.0,
-        log_offset: int = 0,
         deadline: float | None = None,
+        outage_budget_s: float = 900.0,
+        outage_since: float | None = None,
+        last_progress: str = "",
+        stream_progress: bool = True,
     ):
         super().__init__()
-        self.deadline = deadline
         self.submission_id = submission_id
         self.ray_conn_id = ray_conn_id
         self.poll_interval = poll_interval
-        self.log_offset = log_offset
+        self.deadline = deadline
+        self.outage_budget_s = outage_budget_s
+        self.outage_since = outage_since
+        self.last_progress = last_progress
+        self.stream_progress = stream_progress
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -40,55 +51,63 @@ class MatrixRayJobTrigger(BaseTrigger):
                 "submission_id": self.submission_id,
                 "ray_conn_id": self.ray_conn_id,
                 "poll_interval": self.poll_interval,
-                "log_offset": self.log_offset,
                 "deadline": self.deadline,
+                "outage_budget_s": self.outage_budget_s,
+                "outage_since": self.outage_since,
+                "last_progress": self.last_progress,
+                "stream_progress": self.stream_progress,
             },
         )
 
-    async def run(self) -> AsyncIterator[TriggerEvent]:
-        hook = MatrixRayHook(self.ray_conn_id)
-        try:
-            while True:
-                job = await hook.aget_job(self.submission_id)
-                await self._stream_progress(hook)
-                if job is None:
-                    yield TriggerEvent(
-                        {
-                            "status": "MISSING",
-                            "submission_id": self.submission_id,
-                            "message": "the Ray job disappeared from the cluster",
-                        }
-                    )
-                    return
-                if job["status"] in TERMINAL:
-                    yield TriggerEvent(
-                        {
-                            "status": job["status"],
-                            "submission_id": self.submission_id,
-                            "message": job.get("message") or "",
-                        }
-                    )
-                    return
-                if self.deadline is not None and time.time() > self.deadline:
-                    await hook.astop(self.submission_id)
-                    yield TriggerEvent(
-                        {
-                            "status": "TIMEOUT",
-                            "submission_id": self.submission_id,
-                            "message": "execution_timeout reached; the Ray job was stopped",
-                        }
-                    )
-                    return
-                await asyncio.sleep(self.poll_interval)
-        except RayJobsError as exc:
-            yield TriggerEvent({"status": "ERROR", "submission_id": self.submission_id, "message": str(exc)})
+    def _event(self, status: str, message: str) -> TriggerEvent:
+        return TriggerEvent({"status": status, "submission_id": self.submission_id, "message": message})
 
-    async def _stream_progress(self, hook: MatrixRayHook) -> None:
-        logs = await hook.aget_logs(self.submission_id)
-        fresh, self.log_offset = logs[self.log_offset :], len(logs)
-        for line in fresh.splitlines():
-            if line.startswith(PROGRESS_PREFIX):
-                self.log.info("%s", line)
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        # Short retries per call: the outage budget spans calls and survives a triggerer restart.
+        hook = MatrixRayHook(self.ray_conn_id, retry_s=min(10.0, self.outage_budget_s))
+        while True:
+            try:
+                job = await hook.aget_job(self.submission_id)
+                if self.stream_progress and job is not None:
+                    await self._log_progress(hook, job.get("driver_node_id"))
+                self.outage_since = None
+            except RayUnavailable as exc:
+                self.outage_since = self.outage_since or time.time()
+                down = time.time() - self.outage_since
+                if down >= self.outage_budget_s:
+                    yield self._event(
+                        "ERROR",
+                        f"{exc} — gave up after {down:.0f}s (outage_budget_s={self.outage_budget_s:.0f}); "
+                        f"Ray job {self.submission_id} was left running and a retry re-attaches to it",
+                    )
+                    return
+                self.log.warning("Ray dashboard unavailable for %.0fs, waiting: %s", down, exc)
+                await asyncio.sleep(self.poll_interval)
+                continue
+            except RayJobsError as exc:
+                yield self._event("ERROR", str(exc))
+                return
+            if job is None:
+                yield self._event("MISSING", "the Ray job disappeared from the cluster")
+                return
+            if job["status"] in TERMINAL:
+                yield self._event(job["status"], job.get("message") or "")
+                return
+            if self.deadline is not None and time.time() > self.deadline:
+                await hook.astop(self.submission_id)
+                yield self._event("TIMEOUT", "execution_timeout reached; the Ray job was stopped")
+                return
+            await asyncio.sleep(self.poll_interval)
+
+    async def _log_progress(self, hook: MatrixRayHook, node_id: str | None) -> None:
+        if not node_id:
+            return
+        tail = await hook.atail_logs(self.submission_id, TAIL_LINES, node_id)
+        fresh = await asyncio.to_thread(new_progress, tail, self.last_progress)
+        for line in fresh:
+            self.log.info("%s", line)
+        if fresh:
+            self.last_progress = fresh[-1]
 
     async def on_kill(self) -> None:
         """A user killed the deferred task: stop the Ray job too."""

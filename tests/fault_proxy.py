@@ -1,6 +1,9 @@
-"""A real HTTP reverse proxy in front of a real S3 endpoint that fails chosen requests.
+"""A real HTTP reverse proxy in front of a real HTTP service (S3, Ray's dashboard) that fails chosen requests.
 
-    with S3FaultProxy("http://127.0.0.1:8333", fail_first=2, method="PUT", path_regex=PART_FILES) as proxy:
+It can also go down for a while (`outage()`: the listening socket is closed, so clients get
+"connection refused" exactly as when the service behind it is stopped) and come back on the same port.
+
+    with FaultProxy("http://127.0.0.1:8333", fail_first=2, method="PUT", path_regex=PART_FILES) as proxy:
         fs = s3fs.S3FileSystem(key=..., secret=..., endpoint_url=proxy.endpoint, **NO_CLIENT_RETRIES)
         ...
         assert proxy.failed == 2
@@ -38,6 +41,7 @@ import contextlib
 import re
 import socket
 import threading
+from collections.abc import Iterator
 from types import TracebackType
 
 import aiohttp
@@ -72,7 +76,7 @@ _MESSAGES = {
 }
 
 
-class S3FaultProxy:
+class FaultProxy:
     """Reverse proxy on 127.0.0.1 (its own event loop in a daemon thread) that fails the first N matches."""
 
     def __init__(
@@ -99,11 +103,18 @@ class S3FaultProxy:
         self._runner: web.AppRunner | None = None
         self._client: aiohttp.ClientSession | None = None
 
+    def rule(self, *, method: str | None, path_regex: str, fail_first: int, status: int = 500) -> None:
+        """Fail the next `fail_first` requests that match `method` and `path_regex` with `status`."""
+        self.method = method.upper() if method else None
+        self.path_re = re.compile(path_regex)
+        self.status = status
+        self.rearm(fail_first)
+
     def rearm(self, fail_first: int) -> None:
         """Fail the next `fail_first` matching requests (counters keep counting)."""
         self.fail_first = self.failed + fail_first
 
-    def start(self) -> S3FaultProxy:
+    def start(self) -> FaultProxy:
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self.endpoint = f"http://127.0.0.1:{sock.getsockname()[1]}"
@@ -123,13 +134,34 @@ class S3FaultProxy:
         self._loop.close()
         self._loop = self._thread = None
 
-    def __enter__(self) -> S3FaultProxy:
+    def __enter__(self) -> FaultProxy:
         return self.start()
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+    @contextlib.contextmanager
+    def outage(self) -> Iterator[None]:
+        """Down (connection refused, open connections cut) inside the block; back on the same port after."""
+        assert self._loop is not None
+        asyncio.run_coroutine_threadsafe(self._runner_down(), self._loop).result(timeout=30)
+        try:
+            yield
+        finally:
+            asyncio.run_coroutine_threadsafe(self._runner_up(), self._loop).result(timeout=30)
+
+    async def _runner_down(self) -> None:
+        assert self._runner is not None
+        await self._runner.cleanup()
+
+    async def _runner_up(self) -> None:
+        port = int(self.endpoint.rsplit(":", 1)[1])
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port))
+        await self._listen(sock)
 
     def matches(self, method: str, path: str) -> bool:
         return (self.method is None or method == self.method) and self.path_re.search(path) is not None
@@ -142,6 +174,9 @@ class S3FaultProxy:
             connector=aiohttp.TCPConnector(limit=0),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
         )
+        await self._listen(sock)
+
+    async def _listen(self, sock: socket.socket) -> None:
         app = web.Application(client_max_size=0)
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, access_log=None)

@@ -1,0 +1,103 @@
+"""MatrixRayJobSensor: wait for a Ray job that another task submitted (fire-and-forget pattern).
+
+`MatrixPipelineOperator(wait_for_completion=False)` returns `{"ray_submission_id": …}` as soon as
+Ray accepts the job; this sensor waits for it, in the triggerer when deferrable, and returns the
+run's manifest. A FAILED or STOPPED job fails the sensor with the job's own error line.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from airflow.providers.common.compat.sdk import BaseSensorOperator, PokeReturnValue, conf
+
+from matrix_provider.hooks.ray_jobs import TERMINAL, MatrixRayHook, RayUnavailable
+from matrix_provider.operators.outcome import failure_message, manifest_of
+from matrix_provider.triggers.ray_job import MatrixRayJobTrigger
+
+try:
+    from airflow.sdk.exceptions import AirflowException
+except ImportError:  # pragma: no cover - older layouts
+    from airflow.exceptions import AirflowException
+
+
+class MatrixRayJobSensor(BaseSensorOperator):
+    """Succeeds with the manifest when the Ray job `submission_id` SUCCEEDED; fails when it did not.
+
+    :param submission_id: the Ray submission id, usually
+        ``"{{ ti.xcom_pull(task_ids='submit')['ray_submission_id'] }}"``. Templated.
+    :param ray_conn_id: connection of type ``matrix_ray``. Templated.
+    :param output_uri: where the run writes; its `_manifest.json` answers if Ray's log cannot. Templated.
+    :param deferrable: wait in the triggerer (default: ``[operators] default_deferrable``).
+    :param outage_budget_s: how long a dashboard outage is waited out while deferred.
+    """
+
+    template_fields: Sequence[str] = ("submission_id", "ray_conn_id", "output_uri")
+    ui_color = "#e8f0fe"
+
+    def __init__(
+        self,
+        *,
+        submission_id: str,
+        ray_conn_id: str = MatrixRayHook.default_conn_name,
+        output_uri: str | None = None,
+        deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
+        outage_budget_s: float = 900.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.submission_id = submission_id
+        self.ray_conn_id = ray_conn_id
+        self.output_uri = output_uri
+        self.deferrable = deferrable
+        self.outage_budget_s = outage_budget_s
+
+    def poke(self, context: Any) -> PokeReturnValue | bool:
+        hook = MatrixRayHook(self.ray_conn_id)
+        try:
+            job = hook.get_job(self.submission_id)
+        except RayUnavailable as exc:
+            self.log.warning("%s; poking again", exc)
+            return False
+        if job is None:
+            raise AirflowException(f"Ray job {self.submission_id!r} does not exist on the cluster")
+        if job["status"] not in TERMINAL:
+            return False
+        return PokeReturnValue(True, self._outcome(hook, job["status"], job.get("message") or ""))
+
+    def _outcome(self, hook: MatrixRayHook, status: str, message: str) -> dict[str, Any]:
+        if status != "SUCCEEDED":
+            event = {"status": status, "submission_id": self.submission_id, "message": message}
+            raise AirflowException(failure_message(hook, event))
+        return manifest_of(hook, self.submission_id, self.output_uri)
+
+    def execute(self, context: Any) -> Any:
+        if not self.deferrable:
+            return super().execute(context)
+        done = self.poke(context)
+        if isinstance(done, PokeReturnValue):
+            return done.xcom_value
+        deadline = time.time() + self.timeout if self.timeout else None
+        self.defer(
+            trigger=MatrixRayJobTrigger(
+                self.submission_id,
+                self.ray_conn_id,
+                self.poke_interval,
+                deadline=None,
+                outage_budget_s=self.outage_budget_s,
+                stream_progress=False,
+            ),
+            method_name="execute_complete",
+            timeout=None if deadline is None else _timedelta(deadline - time.time()),
+        )
+
+    def execute_complete(self, context: Any, event: dict[str, Any]) -> dict[str, Any]:
+        return self._outcome(MatrixRayHook(self.ray_conn_id), event["status"], event.get("message") or "")
+
+
+def _timedelta(seconds: float) -> Any:
+    from datetime import timedelta
+
+    return timedelta(seconds=max(seconds, 1.0))
