@@ -5,7 +5,7 @@ UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench scale clean
 
 $(UV):
 	python3 -m pip install --user --quiet uv==$(UV_VERSION)
@@ -27,6 +27,10 @@ lint: install
 test: install lint
 	bash tests/system_deps.sh
 	$(PY) -m pytest -q --durations=15
+
+# State-scale at a million rows (make test runs it at 500,000): ~5 min on 2 cores.
+scale: install
+	MATRIX_SCALE_ROWS=100000,1000000 $(PY) -m pytest -q -s tests/test_state_scale.py
 
 bench: install
 	$(PY) bench/run.py

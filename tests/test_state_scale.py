@@ -1,6 +1,8 @@
-"""State stays bounded as the input grows: a million rows cost no more memory than 100,000.
+"""State stays bounded as the input grows: ten times the rows cost no more memory.
 
-Both corpora have the same shape per unit (files of 50,000 tiny rows), so the rows per unit and
+`make test` runs 50,000 against 500,000 rows; `make scale` (MATRIX_SCALE_ROWS=100000,1000000) runs
+100,000 against a million. Both corpora have the same shape per unit (2 and 20 files of tiny rows),
+so the rows per unit and
 the rows in flight are equal; only the total differs. Any process whose peak USS grows with it
 keeps per-row state for the whole run (an id set, a list of committed ids, a manifest counted
 from every row). A resume with nothing left to do must then cost about as little as a start:
@@ -9,6 +11,7 @@ it reads the small per-unit commit records, not the rows.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from dataclasses import dataclass
@@ -20,9 +23,9 @@ from tests.conftest import REPO, VENV_BIN, RayCluster, read_manifest
 from tests.procmem import PeakMemory, raylet_pid
 from tests.scale_corpus import write_tiny_corpus
 
-ROWS_PER_FILE = 50_000
-SMALL, BIG = 100_000, 1_000_000
-GROWTH = 1.25  # the 1M peak USS of every kind may exceed the 100k one by at most this factor
+SMALL, BIG = (int(n) for n in os.environ.get("MATRIX_SCALE_ROWS", "50000,500000").split(","))
+ROWS_PER_FILE = SMALL // 2
+GROWTH = 1.25  # the big run's peak USS of every kind may exceed the small one's by at most this factor
 RESUME_LIMIT_S = 10.0
 
 
@@ -97,18 +100,19 @@ def _full_run(cluster: RayCluster, base: Path, rows: int, timeout: float) -> Mea
 
 
 def _table(small: Measured, big: Measured, resume: Measured) -> str:
-    """Per kind: peak USS / PSS (MB) of the 100k and 1M runs and of the resume, and the growth."""
+    """Per kind: peak USS / PSS (MB) of the small and big runs and of the resume, and the growth."""
     kinds = sorted(set(small.mem.max_by_kind()) | set(big.mem.max_by_kind()))
     figures = {
         name: (run.mem.max_by_kind("uss"), run.mem.max_by_kind("pss"))
-        for name, run in (("100k", small), ("1M", big), ("resume", resume))
+        for name, run in (("small", small), ("big", big), ("resume", resume))
     }
-    lines = [f"{'kind':16} {'100k uss/pss':>14} {'1M uss/pss':>14} {'resume uss/pss':>15} {'1M/100k':>8}"]
+    head = f"{SMALL:,} uss/pss", f"{BIG:,} uss/pss", "resume uss/pss", "big/small"
+    lines = [f"{'kind':16} {head[0]:>18} {head[1]:>18} {head[2]:>15} {head[3]:>9}"]
     for kind in kinds:
         cells = [f"{uss.get(kind, 0):.0f}/{pss.get(kind, 0):.0f}" for uss, pss in figures.values()]
-        ratio = figures["1M"][0].get(kind, 0) / max(figures["100k"][0].get(kind, 0), 1e-9)
-        lines.append(f"{kind:16} {cells[0]:>14} {cells[1]:>14} {cells[2]:>15} {ratio:>7.2f}x")
-    lines.append(f"wall: 100k {small.wall_s:.1f}s, 1M {big.wall_s:.1f}s, resume of 1M {resume.wall_s:.1f}s")
+        ratio = figures["big"][0].get(kind, 0) / max(figures["small"][0].get(kind, 0), 1e-9)
+        lines.append(f"{kind:16} {cells[0]:>18} {cells[1]:>18} {cells[2]:>15} {ratio:>8.2f}x")
+    lines.append(f"wall: {SMALL:,} {small.wall_s:.1f}s, {BIG:,} {big.wall_s:.1f}s, resume {resume.wall_s:.1f}s")
     others = small.mem.others() | big.mem.others()
     if others:
         lines.append(f"Ray workers not counted: {sorted(others)}")
@@ -116,19 +120,19 @@ def _table(small: Measured, big: Measured, resume: Measured) -> str:
 
 
 @pytest.mark.timeout(900)
-def test_state_is_bounded_at_a_million_rows(ray_cluster, tmp_path: Path, capsys) -> None:
-    small = _full_run(ray_cluster, tmp_path / "100k", SMALL, timeout=300)
-    big = _full_run(ray_cluster, tmp_path / "1m", BIG, timeout=600)
-    resume = _measured_run(ray_cluster, tmp_path / "1m" / "in", tmp_path / "1m" / "out", timeout=60)
+def test_state_is_bounded_at_ten_times_the_rows(ray_cluster, tmp_path: Path, capsys) -> None:
+    small = _full_run(ray_cluster, tmp_path / "small", SMALL, timeout=300)
+    big = _full_run(ray_cluster, tmp_path / "big", BIG, timeout=600)
+    resume = _measured_run(ray_cluster, tmp_path / "big" / "in", tmp_path / "big" / "out", timeout=60)
     with capsys.disabled():
         print(f"\n[state-scale] peak memory in MB, per kind the largest process\n{_table(small, big, resume)}")
 
     small_uss, big_uss = small.mem.max_by_kind("uss"), big.mem.max_by_kind("uss")
     assert "job" in small_uss and len(small_uss) >= 2, f"sampler saw no actor workers: {small.mem.peaks()}"
-    assert set(big_uss) == set(small_uss), f"kinds differ: 100k {sorted(small_uss)}, 1M {sorted(big_uss)}"
+    assert set(big_uss) == set(small_uss), f"kinds differ: small {sorted(small_uss)}, big {sorted(big_uss)}"
     grown = {k: (small_uss[k], big_uss[k]) for k in big_uss if big_uss[k] > GROWTH * small_uss[k]}
-    assert not grown, f"peak USS (MB, 100k -> 1M) grew by more than {GROWTH - 1:.0%}: {grown}"
+    assert not grown, f"peak USS (MB, {SMALL:,} -> {BIG:,} rows) grew by more than {GROWTH - 1:.0%}: {grown}"
 
     assert resume.returncode == 0, resume.failure()
     assert resume.wall_s < RESUME_LIMIT_S, f"resume with nothing to do took {resume.wall_s:.1f}s"
-    assert read_manifest(str(tmp_path / "1m" / "out"))["rows_resumed"] == BIG
+    assert read_manifest(str(tmp_path / "big" / "out"))["rows_resumed"] == BIG

@@ -79,6 +79,7 @@ class MatrixRayHook(BaseHook):
         self.timeout_s = timeout_s
         self.retry_s = retry_s
         self._endpoint: RayEndpoint | None = None
+        self._async_client: httpx.AsyncClient | None = None
 
     # -- connection -----------------------------------------------------------------------------
     def _endpoint_from(self, conn: Any) -> RayEndpoint:
@@ -217,8 +218,7 @@ class MatrixRayHook(BaseHook):
 
         async def once() -> httpx.Response:
             try:
-                async with httpx.AsyncClient(verify=ep.verify, timeout=self.timeout_s) as client:
-                    resp = await client.request(method, ep.base_url + path, headers=ep.headers(), **kw)
+                resp = await self._aclient(ep).request(method, ep.base_url + path, headers=ep.headers(), **kw)
             except httpx.HTTPError as exc:
                 raise _Transient(type(exc).__name__) from None
             return self._classify(resp, retry_5xx)
@@ -227,6 +227,17 @@ class MatrixRayHook(BaseHook):
             return await tenacity.AsyncRetrying(**self._retry_policy(ep, True))(once)
         except _Transient as exc:
             raise self._unavailable(ep.base_url, started, exc) from None
+
+    def _aclient(self, ep: RayEndpoint) -> httpx.AsyncClient:
+        """One client per hook: a new one per call would load the CA bundle on the event loop each time."""
+        if self._async_client is None:
+            self._async_client = httpx.AsyncClient(verify=ep.verify, timeout=self.timeout_s)
+        return self._async_client
+
+    async def aclose(self) -> None:
+        if self._async_client is not None:
+            await self._async_client.aclose()
+            self._async_client = None
 
     async def aget_job(self, submission_id: str) -> dict[str, Any] | None:
         resp = await self._arequest("GET", f"/api/jobs/{quote(submission_id)}")

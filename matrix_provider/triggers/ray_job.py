@@ -2,9 +2,10 @@
 
 It logs the job's new `[matrix] progress` lines (read from a bounded log tail, parsed in a
 thread), fires one event when the job ends, and stops the job when a user kills the task.
-A dashboard outage is waited out for up to `outage_budget_s` (the start of the outage is part of
-the serialized state, so a triggerer restart does not reset it); only then does it fire ERROR,
-naming the URL and how long it was down. The Ray job keeps running: a retry re-attaches to it.
+A dashboard outage is waited out for up to `outage_budget_s`; only then does it fire ERROR, naming
+the URL and how long it was down. The Ray job keeps running: a retry re-attaches to it. (Airflow
+re-creates a trigger from the kwargs it was deferred with, so a triggerer restart starts the
+budget afresh.)
 """
 
 from __future__ import annotations
@@ -63,8 +64,16 @@ class MatrixRayJobTrigger(BaseTrigger):
         return TriggerEvent({"status": status, "submission_id": self.submission_id, "message": message})
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        # Short retries per call: the outage budget spans calls and survives a triggerer restart.
+        # Short retries per call: the outage budget spans calls.
         hook = MatrixRayHook(self.ray_conn_id, retry_s=min(10.0, self.outage_budget_s))
+        try:
+            async for event in self._watch(hook):
+                yield event
+                return
+        finally:
+            await hook.aclose()
+
+    async def _watch(self, hook: MatrixRayHook) -> AsyncIterator[TriggerEvent]:
         while True:
             try:
                 job = await hook.aget_job(self.submission_id)
@@ -111,5 +120,8 @@ class MatrixRayJobTrigger(BaseTrigger):
 
     async def on_kill(self) -> None:
         """A user killed the deferred task: stop the Ray job too."""
-        stopped = await MatrixRayHook(self.ray_conn_id).astop(self.submission_id)
-        self.log.info("stopped Ray job %s: %s", self.submission_id, stopped)
+        hook = MatrixRayHook(self.ray_conn_id)
+        try:
+            self.log.info("stopped Ray job %s: %s", self.submission_id, await hook.astop(self.submission_id))
+        finally:
+            await hook.aclose()
