@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 from airflow.sdk.exceptions import AirflowException, TaskDeferred
 
-from matrix_provider.hooks.ray_jobs import MatrixRayHook, RayUnavailable
+from matrix_provider.hooks.ray_jobs import MatrixRayHook, RayJobsError, RayUnavailable
 from matrix_provider.operators import MatrixPipelineOperator, MatrixStopJobOperator
 from matrix_provider.protocol import PROGRESS_PREFIX, new_progress
 from matrix_provider.sensors import MatrixRayJobSensor
@@ -144,6 +144,14 @@ def test_cleared_task_with_changed_work_runs_a_new_job_and_a_retry_reattaches(co
         for s, o in ((src, "o0"), (other, "o0"))
     }
     assert len(ids) == 2
+    # New work while older work still runs: the older job is stopped, not left racing for the output.
+    hook = MatrixRayHook()
+    older, _ = _op("t", other, tmp_path / "race").submit_or_attach(hook, _ti("race_dag", "t", "r"))
+    newer, _ = _op("t", other, tmp_path / "race", overrides={**SIM, "llm.timeout_s": 62}).submit_or_attach(
+        hook, _ti("race_dag", "t", "r", try_number=2)
+    )
+    assert newer != older and _wait_status(hook, older, {"STOPPED", "SUCCEEDED", "FAILED"}) == "STOPPED"
+    hook.stop(newer)
     # force_rerun: every try is a new job.
     forced = {
         _op("t", src, tmp_path / "out", force_rerun=True).submission_id_of(_ti("d", "t", "r", try_number=n))
@@ -250,6 +258,24 @@ def test_assets_are_unique_per_dag_and_mapped_tasks_have_outlets() -> None:
         tasks = {t["__var"]["task_id"]: t["__var"] for t in serialized["dag"]["tasks"]}
         assert "matrix://" + dag_id + "/shards" in json.dumps(tasks["shards"]), "the scheduler must see the outlet"
     assert uris == ["matrix://team_a/curate", "matrix://team_b/curate"]
+    # Fire and forget declares no default asset (it ends before any data exists); an alias is kept.
+    with DAG(dag_id="ff", schedule=None):
+        submit = MatrixPipelineOperator(
+            task_id="s", pipeline="natural_reasoning", input_uri="i", output_uri="o", wait_for_completion=False
+        )
+        aliased = MatrixPipelineOperator.partial(
+            task_id="m", pipeline="natural_reasoning", output_uri="o", output_alias="curated"
+        ).expand(input_uri=["a"])
+    assert submit.outlets == []
+    assert [getattr(o, "name", None) for o in aliased.outlets] == ["matrix-ff-m", "curated"]
+
+
+def test_matrix_view_renders_only_http_links() -> None:
+    """A URL in XCom is data a task wrote: a `javascript:` link would run in Airflow's origin."""
+    from matrix_provider.plugins.ui import _link
+
+    assert _link("javascript:alert(document.cookie)", "Ray job") == ""
+    assert _link("https://ray.example/#/jobs/x", "Ray job").startswith('<a href="https://ray.example/#/jobs/x"')
 
 
 def test_fire_and_forget_then_sensor_then_stop(conn, tmp_path: Path) -> None:
@@ -280,6 +306,14 @@ def test_fire_and_forget_then_sensor_then_stop(conn, tmp_path: Path) -> None:
     with pytest.raises(AirflowException, match="does not exist"):
         MatrixStopJobOperator(task_id="stop", submission_id="no-such-job").execute({})
     assert MatrixStopJobOperator(task_id="stop", submission_id="no-such-job", missing_ok=True).execute({}) == "MISSING"
+
+
+def test_a_failed_submission_is_not_resent(conn, proxied) -> None:
+    """A POST is not idempotent: a 500 on submit is reported once, never retried into duplicates."""
+    proxied.rule(method="POST", path_regex=r"^/api/jobs/$", fail_first=1)
+    with pytest.raises(RayJobsError, match=r"Ray refused job 'never-\d+' \(HTTP 500\)"):
+        MatrixRayHook("proxied").submit("true", f"never-{time.time_ns()}")
+    assert proxied.matched == 1, "the submission was sent once"
 
 
 def test_hook_retries_5xx_then_names_the_outage(conn, proxied) -> None:

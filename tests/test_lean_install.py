@@ -148,7 +148,7 @@ def test_dag_parses_and_runs_in_the_lean_install(lean_python: Path, airflow_env,
     shutil.copy2(airflow_env.home / "airflow.db", home / "airflow.db")
     env = _lean_env(lean_python, airflow_env.env, home, dags)
 
-    result = _run([lean_python, tmp_path / "driver.py", dags], timeout=120, env=env, cwd=tmp_path)
+    result = _run([lean_python, tmp_path / "driver.py", dags], timeout=300, env=env, cwd=tmp_path)
     line = next(ln for ln in reversed(result.stdout.splitlines()) if ln.startswith("REPORT "))
     report = json.loads(line.removeprefix("REPORT "))
     log = result.stdout[-3000:] + result.stderr[-3000:]

@@ -14,7 +14,9 @@ lines.
 
 from __future__ import annotations
 
+import asyncio
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -94,7 +96,7 @@ class MatrixRayHook(BaseHook):
             verify=flag(extra.get("verify_tls"), True),
             dashboard_url=str(extra.get("dashboard_url") or base).rstrip("/"),
             grafana_url=extra.get("grafana_url") or None,
-            retry_s=float(extra.get("retry_s", DEFAULT_RETRY_S)),
+            retry_s=float(extra.get("retry_s") or DEFAULT_RETRY_S),
         )
 
     def endpoint(self) -> RayEndpoint:
@@ -116,10 +118,13 @@ class MatrixRayHook(BaseHook):
         return self._endpoint
 
     def test_connection(self) -> tuple[bool, str]:
-        """The UI's Test button: reach the dashboard, and have a job listing accept our token."""
+        """The UI's Test button: the dashboard answers, and a token-checked endpoint accepts our token.
+
+        Asks for a job that does not exist (404 means authorised) instead of listing every job.
+        """
         try:
-            version = self.version()
-            self._request("GET", "/api/jobs/?limit=1", retry=False)
+            version = self._request("GET", "/api/version", retry=False).json()
+            self._request("GET", f"/api/jobs/matrix-connection-test-{uuid.uuid4().hex[:8]}", retry=False)
         except RayJobsError as exc:
             return False, str(exc)
         return True, f"Ray {version.get('ray_version', '?')} at {self.endpoint().base_url} accepted the token"
@@ -183,8 +188,17 @@ class MatrixRayHook(BaseHook):
         if runtime_env:
             body["runtime_env"] = runtime_env
         body |= placement or {}
-        resp = self._request("POST", "/api/jobs/", json=body)
+        # A POST is not safe to repeat blindly: a resend after a lost answer hits "already exists"
+        # (HTTP 500). So no 5xx retries here; after any failure, a job under our id means submitted.
+        try:
+            resp = self._request("POST", "/api/jobs/", retry_5xx=False, json=body)
+        except RayUnavailable:
+            if self.get_job(submission_id) is None:
+                raise
+            return submission_id
         if resp.status_code != 200:
+            if resp.status_code >= 500 and self.get_job(submission_id) is not None:
+                return submission_id
             raise RayJobsError(f"Ray refused job {submission_id!r} (HTTP {resp.status_code}): {resp.text[:500]}")
         return resp.json()["submission_id"]
 
@@ -218,7 +232,8 @@ class MatrixRayHook(BaseHook):
 
         async def once() -> httpx.Response:
             try:
-                resp = await self._aclient(ep).request(method, ep.base_url + path, headers=ep.headers(), **kw)
+                client = await self._aclient(ep)
+                resp = await client.request(method, ep.base_url + path, headers=ep.headers(), **kw)
             except httpx.HTTPError as exc:
                 raise _Transient(type(exc).__name__) from None
             return self._classify(resp, retry_5xx)
@@ -228,10 +243,10 @@ class MatrixRayHook(BaseHook):
         except _Transient as exc:
             raise self._unavailable(ep.base_url, started, exc) from None
 
-    def _aclient(self, ep: RayEndpoint) -> httpx.AsyncClient:
-        """One client per hook: a new one per call would load the CA bundle on the event loop each time."""
+    async def _aclient(self, ep: RayEndpoint) -> httpx.AsyncClient:
+        """One client per hook, built in a thread: its SSL context loads the CA bundle (~40 ms)."""
         if self._async_client is None:
-            self._async_client = httpx.AsyncClient(verify=ep.verify, timeout=self.timeout_s)
+            self._async_client = await asyncio.to_thread(httpx.AsyncClient, verify=ep.verify, timeout=self.timeout_s)
         return self._async_client
 
     async def aclose(self) -> None:

@@ -19,7 +19,9 @@ try:
 except ImportError:  # pragma: no cover - older layouts
     from airflow.exceptions import AirflowException
 
-MANIFEST_TAIL_LINES = 200
+# Read once per job. After the manifest line, actors being torn down can still print a few hundred
+# lines (asyncio's "Task was destroyed…"), so the tail reaches well past them.
+MANIFEST_TAIL_LINES = 2000
 
 
 def manifest_of(hook: MatrixRayHook, submission_id: str, output_uri: str | None) -> dict[str, Any]:

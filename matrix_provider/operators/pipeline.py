@@ -27,7 +27,7 @@ from airflow.providers.common.compat.sdk import conf
 from airflow.sdk import Asset, AssetAlias, BaseOperator
 
 from matrix_provider import __version__
-from matrix_provider.hooks.ray_jobs import ACTIVE, TERMINAL, MatrixRayHook, RayJobsError
+from matrix_provider.hooks.ray_jobs import ACTIVE, TERMINAL, MatrixRayHook, RayJobsError, RayUnavailable
 from matrix_provider.links.ray import (
     CONN_ID_KEY,
     GRAFANA_URL_KEY,
@@ -63,17 +63,24 @@ def default_outlet(dag_id: str, task_id: str) -> Asset:
     return Asset(name=f"matrix-{dag_id}-{task_id}", uri=f"matrix://{dag_id}/{task_id}")
 
 
-def _with_default_outlets(task_id: str, kwargs: dict[str, Any]) -> dict[str, Any]:
-    if "outlets" in kwargs:
-        return kwargs
-    from airflow.sdk.definitions._internal.contextmanager import DagContext, TaskGroupContext
+def _with_default_outlets(task_id: str, kwargs: dict[str, Any], alias: str | None, waits: bool) -> dict[str, Any]:
+    """Outlets: the task's own, else its default asset; plus the output alias when one is named.
 
-    dag = kwargs.get("dag") or DagContext.get_current()
-    if dag is None:
-        return kwargs
-    group = kwargs.get("task_group") or TaskGroupContext.get_current(dag)
-    full_id = group.child_id(task_id) if group else task_id
-    return {**kwargs, "outlets": [default_outlet(dag.dag_id, full_id)]}
+    Fire-and-forget tasks (`waits` False) get no default asset: they end before any data exists.
+    Idempotent, because a mapped task passes through here at `partial()` and again when unmapped.
+    """
+    if "outlets" in kwargs:
+        outlets = list(kwargs["outlets"] or [])
+    else:
+        from airflow.sdk.definitions._internal.contextmanager import DagContext, TaskGroupContext
+
+        dag = kwargs.get("dag") or DagContext.get_current()
+        group = (kwargs.get("task_group") or TaskGroupContext.get_current(dag)) if dag else None
+        full_id = group.child_id(task_id) if group else task_id
+        outlets = [default_outlet(dag.dag_id, full_id)] if dag is not None and waits else []
+    if alias and not any(isinstance(o, AssetAlias) and o.name == alias for o in outlets):
+        outlets.append(AssetAlias(name=alias))
+    return {**kwargs, "outlets": outlets}
 
 
 class MatrixPipelineOperator(BaseOperator):
@@ -119,7 +126,9 @@ class MatrixPipelineOperator(BaseOperator):
         """Mapped tasks get the default outlet too: the scheduler reads it from the partial kwargs."""
         from airflow.sdk.bases.operator import partial
 
-        return partial(cls, task_id=task_id, **_with_default_outlets(task_id, kwargs))
+        waits = kwargs.get("wait_for_completion", True)
+        kwargs = _with_default_outlets(task_id, kwargs, kwargs.get("output_alias"), waits)
+        return partial(cls, task_id=task_id, **kwargs)
 
     def __init__(
         self,
@@ -146,9 +155,7 @@ class MatrixPipelineOperator(BaseOperator):
         matrix_command: str = "matrix",
         **kwargs: Any,
     ) -> None:
-        kwargs = _with_default_outlets(kwargs["task_id"], kwargs)
-        if output_alias:
-            kwargs["outlets"] = [*kwargs.get("outlets", []), AssetAlias(name=output_alias)]
+        kwargs = _with_default_outlets(kwargs["task_id"], kwargs, output_alias, wait_for_completion)
         super().__init__(**kwargs)
         self.pipeline = pipeline
         self.input_uri = input_uri
@@ -246,6 +253,8 @@ class MatrixPipelineOperator(BaseOperator):
             submission_id = base if attempt == 0 else f"{base}-r{attempt}"
             job = hook.get_job(submission_id)
             if job is None:
+                if attempt == 0:
+                    self._stop_superseded(hook, ti, submission_id)
                 metadata = {
                     "airflow_dag_id": ti.dag_id,
                     "airflow_task_id": ti.task_id,
@@ -264,6 +273,21 @@ class MatrixPipelineOperator(BaseOperator):
                 return submission_id, job
             self.log.info("Ray job %s ended %s; submitting again", submission_id, job["status"])
         raise AirflowException(f"{_MAX_RESUBMITS} failed submissions of {base}; giving up")
+
+    def _stop_superseded(self, hook: MatrixRayHook, ti: Any, new_id: str) -> None:
+        """New work for this task instance: stop its jobs still running older work (a retry after the
+        work changed, force_rerun, a clear mid-run), or the two would race for the same output."""
+        mine = {
+            "airflow_dag_id": ti.dag_id,
+            "airflow_task_id": ti.task_id,
+            "airflow_run_id": ti.run_id,
+            "airflow_map_index": str(getattr(ti, "map_index", -1)),
+        }
+        for job in hook.list_jobs():
+            meta = job.get("metadata") or {}
+            if job.get("status") in ACTIVE and job.get("submission_id") != new_id and mine.items() <= meta.items():
+                self.log.warning("stopping Ray job %s, superseded by %s (new work)", job["submission_id"], new_id)
+                hook.stop(job["submission_id"])
 
     # -- execution ------------------------------------------------------------------------------
     def execute(self, context: Any) -> dict[str, Any]:
@@ -298,11 +322,21 @@ class MatrixPipelineOperator(BaseOperator):
         return self._poll(hook, submission_id, context, deadline)
 
     def _poll(self, hook: MatrixRayHook, submission_id: str, context: Any, deadline: float | None) -> dict[str, Any]:
-        last = ""
+        last, down_since = "", None
         while True:
-            job = hook.get_job(submission_id)
-            node_id = (job or {}).get("driver_node_id")
-            for line in new_progress(hook.tail_logs(submission_id, TAIL_LINES, node_id) if node_id else "", last):
+            try:
+                job = hook.get_job(submission_id)
+                node_id = (job or {}).get("driver_node_id")
+                tail = hook.tail_logs(submission_id, TAIL_LINES, node_id) if node_id else ""
+                down_since = None
+            except RayUnavailable as exc:
+                down_since = down_since or time.monotonic()
+                if time.monotonic() - down_since >= self.outage_budget_s:
+                    raise AirflowException(f"{exc}; gave up after outage_budget_s={self.outage_budget_s:.0f}") from None
+                self.log.warning("%s; waiting", exc)
+                time.sleep(self.poll_interval)
+                continue
+            for line in new_progress(tail, last):
                 self.log.info("%s", line)
                 last = line
             if job is None or job["status"] in TERMINAL:
@@ -356,4 +390,5 @@ class MatrixPipelineOperator(BaseOperator):
 
 
 def _asset_uri(output: str) -> str:
+    output = output.rstrip("/")
     return output if "://" in output else "file://" + output

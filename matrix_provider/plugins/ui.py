@@ -13,10 +13,11 @@ results cached for 10 s, so a slow or dead dashboard never holds a request.
 
 from __future__ import annotations
 
+import functools
 import html
 import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from threading import Lock
 from typing import Any
 
@@ -96,41 +97,64 @@ def _task_xcoms(dag_ids: set[str] | None = None, ti: TiKey | None = None) -> dic
 
 
 class _LiveCache:
-    """Ray's view of running jobs: fetched in a small pool, kept for a few seconds, bounded in size."""
+    """Ray's view of running jobs: fetched in a small pool, kept for a few seconds, bounded in size.
+
+    A fetch still running when a page's budget ends is not started again by the next page: it
+    finishes in the background and caches its answer for whoever asks next.
+    """
 
     def __init__(self, size: int = 512) -> None:
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="matrix-ui")
         self._items: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()
+        self._inflight: dict[str, Future[dict[str, Any]]] = {}
         self._lock = Lock()
         self._size = size
 
     def get_many(self, jobs: dict[str, str]) -> dict[str, dict[str, Any]]:
         """{submission id: live view} for {submission id: conn id}; slow answers read 'unknown'."""
         now = time.monotonic()
+        found: dict[str, dict[str, Any]] = {}
+        pending: dict[str, Future[dict[str, Any]]] = {}
         with self._lock:
-            fresh = {s: self._items[s][1] for s in jobs if s in self._items and now - self._items[s][0] < _LIVE_TTL_S}
-        futures = {s: self._pool.submit(_live, s, c) for s, c in jobs.items() if s not in fresh}
-        wait(futures.values(), timeout=_LIVE_BUDGET_S)
-        for sid, future in futures.items():
-            if future.done():
-                fresh[sid] = future.result()
-                with self._lock:
-                    self._items[sid] = (time.monotonic(), fresh[sid])
-                    self._items.move_to_end(sid)
-                    while len(self._items) > self._size:
-                        self._items.popitem(last=False)
-            else:
-                fresh[sid] = {"state": "unknown (Ray slow to answer)"}
-        return fresh
+            for sid, conn_id in jobs.items():
+                if sid in self._items and now - self._items[sid][0] < _LIVE_TTL_S:
+                    found[sid] = self._items[sid][1]
+                elif sid in self._inflight:
+                    pending[sid] = self._inflight[sid]
+                else:
+                    pending[sid] = self._inflight[sid] = self._pool.submit(_live, sid, conn_id)
+        for sid, future in pending.items():
+            future.add_done_callback(lambda done, sid=sid: self._store(sid, done))
+        wait(pending.values(), timeout=_LIVE_BUDGET_S)
+        for sid, future in pending.items():
+            found[sid] = future.result() if future.done() else {"state": "unknown (Ray slow to answer)"}
+        return found
+
+    def _store(self, sid: str, future: Future[dict[str, Any]]) -> None:
+        with self._lock:
+            self._inflight.pop(sid, None)
+            self._items[sid] = (time.monotonic(), future.result())
+            self._items.move_to_end(sid)
+            while len(self._items) > self._size:
+                self._items.popitem(last=False)
+
+
+@functools.lru_cache(maxsize=64)
+def _connection(conn_id: str) -> Any:
+    """The connection behind a conn id (cached: a page must not look one up per row)."""
+    from airflow.models.connection import Connection
+
+    return Connection.get_connection_from_secrets(conn_id)
 
 
 def _live(submission_id: str, conn_id: str) -> dict[str, Any]:
     """State and latest progress of a running job, from Ray through the task's own connection."""
-    from airflow.models.connection import Connection
-
     hook = MatrixRayHook(conn_id, timeout_s=_LIVE_BUDGET_S, retry_s=0)
     try:
-        hook._endpoint = hook._endpoint_from(Connection.get_connection_from_secrets(conn_id))
+        conn = _connection(conn_id)
+        if conn.conn_type != MatrixRayHook.conn_type:
+            return {"state": f"unknown (connection {conn_id!r} is not of type matrix_ray)"}
+        hook._endpoint = hook._endpoint_from(conn)
         job = hook.get_job(submission_id) or {}
         progress = next(
             (
@@ -148,7 +172,7 @@ def _live(submission_id: str, conn_id: str) -> dict[str, Any]:
 _LIVE = _LiveCache()
 
 
-def _views(found: dict[TiKey, dict[str, Any]]) -> list[dict[str, Any]]:
+def _views(found: dict[TiKey, dict[str, Any]], user: Any) -> list[dict[str, Any]]:
     views, running = [], {}
     for (dag_id, run_id, task_id, map_index), values in found.items():
         job_url = values.get(RAY_JOB_URL_KEY) or ""
@@ -167,10 +191,11 @@ def _views(found: dict[TiKey, dict[str, Any]]) -> list[dict[str, Any]]:
             view["submission_id"] = job_url.rsplit("/", 1)[-1]
             running[view["submission_id"]] = values.get(CONN_ID_KEY) or MatrixRayHook.default_conn_name
         views.append(view)
-    live = _LIVE.get_many(running) if running else {}
+    readable = {c for c in set(running.values()) if _may_read_connection(user, c)}
+    live = _LIVE.get_many({s: c for s, c in running.items() if c in readable}) if running else {}
     for view in views:
         if sid := view.pop("submission_id", None):
-            now = live.get(sid, {})
+            now = live.get(sid, {"state": "unknown (no read access to its connection)"})
             view |= {
                 "state": now.get("state", "unknown"),
                 "rows_done": now.get("rows_done"),
@@ -179,6 +204,23 @@ def _views(found: dict[TiKey, dict[str, Any]]) -> list[dict[str, Any]]:
                 "tokens_per_s": now.get("tokens_per_s"),
             }
     return views
+
+
+def _may_read_connection(user: Any, conn_id: str) -> bool:
+    """The page asks Ray with this connection's token only for users who may read the connection."""
+    from airflow.api_fastapi.app import get_auth_manager
+    from airflow.api_fastapi.auth.managers.models.resource_details import ConnectionDetails
+
+    return get_auth_manager().is_authorized_connection(
+        method="GET", user=user, details=ConnectionDetails(conn_id=conn_id)
+    )
+
+
+def _link(url: Any, label: str) -> str:
+    """Only http(s) links: a URL from XCom is data a task wrote, and `javascript:` would run here."""
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        return ""
+    return f'<a href="{html.escape(url)}" target="_blank" rel="noopener noreferrer">{label}</a>'
 
 
 # -- page ---------------------------------------------------------------------------------------
@@ -198,9 +240,7 @@ def _row(view: dict[str, Any]) -> str:
             state = view["state"]
             css += " ok" if state == "SUCCEEDED" else (" bad" if state in ("FAILED", "STOPPED") else "")
         cells.append(f'<td class="{css}">{_cell(view.get(column))}</td>')
-    links = f'<a href="{html.escape(view["ray"])}" target="_blank">Ray job</a>'
-    if view.get("grafana"):
-        links += f' · <a href="{html.escape(view["grafana"])}" target="_blank">Grafana</a>'
+    links = " · ".join(x for x in (_link(view["ray"], "Ray job"), _link(view.get("grafana"), "Grafana")) if x)
     return f"<tr>{''.join(cells)}<td class='l'>{links}</td></tr>"
 
 
@@ -215,12 +255,17 @@ def _page(title: str, views: list[dict[str, Any]]) -> HTMLResponse:
     )
 
 
-@app.get("/", response_class=HTMLResponse)
+@app.get(
+    "/",
+    response_class=HTMLResponse,
+    dependencies=[Depends(requires_access_dag("GET", DagAccessEntity.XCOM))],
+)
 def runs(user: GetUserDep) -> HTMLResponse:
+    """As the core API lists XComs: XCom access, and only the DAGs the user may read."""
     from airflow.api_fastapi.app import get_auth_manager
 
     readable = get_auth_manager().get_authorized_dag_ids(user=user, method="GET")
-    return _page("Matrix pipeline runs", _views(_task_xcoms(dag_ids=readable)))
+    return _page("Matrix pipeline runs", _views(_task_xcoms(dag_ids=readable), user))
 
 
 @app.get(
@@ -228,10 +273,10 @@ def runs(user: GetUserDep) -> HTMLResponse:
     response_class=HTMLResponse,
     dependencies=[Depends(requires_access_dag("GET", DagAccessEntity.XCOM))],
 )
-def task_instance(dag_id: str, run_id: str, task_id: str, map_index: str) -> HTMLResponse:
+def task_instance(dag_id: str, run_id: str, task_id: str, map_index: str, user: GetUserDep) -> HTMLResponse:
     """`map_index` is "-1" or an index; the UI sends a literal `{MAP_INDEX}` for an unmapped task."""
     index = int(map_index) if map_index.lstrip("-").isdigit() else -1
-    views = _views(_task_xcoms(ti=(dag_id, run_id, task_id, index)))
+    views = _views(_task_xcoms(ti=(dag_id, run_id, task_id, index)), user)
     return _page(f"Matrix: {dag_id} / {task_id}" + (f" [{index}]" if index >= 0 else ""), views)
 
 
