@@ -63,6 +63,7 @@ with DAG(
             "llm.timeout_s": "{{ var.value.get('matrix_llm_timeout_s', '60') }}",
         },
         output_alias="matrix-curated-snapshots",
+        deferrable=True,  # hours of Ray job: wait in the triggerer, not in a worker slot
         pool=os.environ.get("MATRIX_GPU_POOL", "matrix_gpu"),
         execution_timeout=timedelta(hours=12),
     )

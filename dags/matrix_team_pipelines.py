@@ -57,6 +57,7 @@ with DAG(
                 partitions=1,
                 concurrency=32,
                 max_active_tis_per_dagrun=2,
+                deferrable=True,  # hours of Ray job: wait in the triggerer, not in a worker slot
                 pool=os.environ.get("MATRIX_GPU_POOL", "matrix_gpu"),
                 execution_timeout=timedelta(hours=6),
             ).expand(input_uri=shards)

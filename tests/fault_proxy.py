@@ -115,8 +115,7 @@ class FaultProxy:
         self.fail_first = self.failed + fail_first
 
     def start(self) -> FaultProxy:
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
+        sock = _port_socket(0)
         self.endpoint = f"http://127.0.0.1:{sock.getsockname()[1]}"
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="s3-fault-proxy", daemon=True)
@@ -146,22 +145,22 @@ class FaultProxy:
     def outage(self) -> Iterator[None]:
         """Down (connection refused, open connections cut) inside the block; back on the same port after."""
         assert self._loop is not None
+        # A bound socket that never listens keeps the port ours (an outbound connection could take
+        # it as its local port meanwhile) while connections to it are refused.
+        holder = _port_socket(int(self.endpoint.rsplit(":", 1)[1]))
         asyncio.run_coroutine_threadsafe(self._runner_down(), self._loop).result(timeout=30)
         try:
             yield
         finally:
             asyncio.run_coroutine_threadsafe(self._runner_up(), self._loop).result(timeout=30)
+            holder.close()
 
     async def _runner_down(self) -> None:
         assert self._runner is not None
         await self._runner.cleanup()
 
     async def _runner_up(self) -> None:
-        port = int(self.endpoint.rsplit(":", 1)[1])
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", port))
-        await self._listen(sock)
+        await self._listen(_port_socket(int(self.endpoint.rsplit(":", 1)[1])))
 
     def matches(self, method: str, path: str) -> bool:
         return (self.method is None or method == self.method) and self.path_re.search(path) is not None
@@ -234,3 +233,12 @@ class FaultProxy:
                 await response.write(chunk)
             await response.write_eof()
             return response
+
+
+def _port_socket(port: int) -> socket.socket:
+    """A TCP socket bound to 127.0.0.1:`port` that others of ours may share (SO_REUSEPORT)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(("127.0.0.1", port))
+    return sock

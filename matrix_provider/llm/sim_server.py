@@ -30,20 +30,28 @@ class SimReplica:
         self.name = name
         self.port: int | None = None
         self.runner: web.AppRunner | None = None
+        # Two jobs sharing this detached replica may call start() at once: the second must wait
+        # for the first's server, not return before its port is known.
+        self._starting = asyncio.Lock()
 
     async def start(self) -> str:
         """Start the HTTP server once; return its base URL."""
-        if self.runner is None:
-            app = web.Application(client_max_size=64 << 20)
-            app.router.add_post("/v1/chat/completions", self._generate)
-            app.router.add_post("/v1/completions", self._generate)
-            app.router.add_get("/v1/stats", self._stats)
-            self.runner = web.AppRunner(app, access_log=None)
-            await self.runner.setup()
-            site = web.TCPSite(self.runner, "127.0.0.1", 0, backlog=4096)
-            await site.start()
-            self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        async with self._starting:
+            if self.runner is None:
+                await self._serve()
         return f"http://127.0.0.1:{self.port}/v1"
+
+    async def _serve(self) -> None:
+        app = web.Application(client_max_size=64 << 20)
+        app.router.add_post("/v1/chat/completions", self._generate)
+        app.router.add_post("/v1/completions", self._generate)
+        app.router.add_get("/v1/stats", self._stats)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0, backlog=4096)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.runner = runner
 
     async def stats(self) -> dict[str, float]:
         return self.engine.stats()

@@ -253,7 +253,7 @@ class MatrixPipelineOperator(BaseOperator):
             submission_id = base if attempt == 0 else f"{base}-r{attempt}"
             job = hook.get_job(submission_id)
             if job is None:
-                if attempt == 0:
+                if attempt == 0 and int(getattr(ti, "try_number", 1) or 1) > 1:  # a first try has no older job
                     self._stop_superseded(hook, ti, submission_id)
                 metadata = {
                     "airflow_dag_id": ti.dag_id,

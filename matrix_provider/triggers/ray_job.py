@@ -64,8 +64,8 @@ class MatrixRayJobTrigger(BaseTrigger):
         return TriggerEvent({"status": status, "submission_id": self.submission_id, "message": message})
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        # Short retries per call: the outage budget spans calls.
-        hook = MatrixRayHook(self.ray_conn_id, retry_s=min(10.0, self.outage_budget_s))
+        # Short retries per call, so an outage shows in the task log as it happens; the budget spans calls.
+        hook = MatrixRayHook(self.ray_conn_id, retry_s=min(5.0, self.outage_budget_s))
         try:
             async for event in self._watch(hook):
                 yield event
