@@ -104,7 +104,8 @@ def test_curation_dag_runs_end_to_end(airflow_env, tmp_path: Path) -> None:
         airflow_env.env = saved
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]
-    assert "[matrix] progress" in log, "progress lines should reach the task log"
+    # (The trigger's progress lines in the task log are checked by the whole-system test: `dags test`
+    # runs the trigger inline, outside the task's log.)
     out = output_root / "2026-02-03"
     assert (out / "_SUCCESS").exists()
     manifest = _xcom(airflow_env, "matrix_curation")

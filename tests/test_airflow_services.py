@@ -170,7 +170,9 @@ def test_backfill_over_two_snapshots_survives_a_20s_dashboard_outage(services) -
         j for j in _jobs(services, airflow_dag_id="matrix_curation") if "backfill" in j["metadata"]["airflow_run_id"]
     ]
     assert len(jobs) == len(DATES), [j.get("submission_id") for j in jobs]
-    assert "unavailable for" in _task_logs(services, "matrix_curation"), "a trigger rode out the outage and said so"
+    logs = _task_logs(services, "matrix_curation")
+    assert "unavailable for" in logs, "a trigger rode out the outage and said so"
+    assert "[matrix] progress" in logs, "the job's progress lines reach the task log"
 
 
 def test_manual_run_then_clear_after_changed_overrides_runs_a_new_job(services) -> None:
