@@ -14,6 +14,7 @@ from typing import Any
 from matrix_provider.hooks.ray_jobs import MatrixRayHook, RayJobsError
 from matrix_provider.protocol import MANIFEST_FIGURES, error_text, parse_manifest
 
+# The one import of AirflowException for the Airflow side (operators, sensor).
 try:
     from airflow.sdk.exceptions import AirflowException
 except ImportError:  # pragma: no cover - older layouts

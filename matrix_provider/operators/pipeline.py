@@ -38,14 +38,15 @@ from matrix_provider.links.ray import (
     ray_job_url,
 )
 from matrix_provider.operators.lineage import lineage_for
-from matrix_provider.operators.outcome import failure_message, manifest_of, outlet_extra, will_retry
+from matrix_provider.operators.outcome import (
+    AirflowException,
+    failure_message,
+    manifest_of,
+    outlet_extra,
+    will_retry,
+)
 from matrix_provider.protocol import new_progress, shipped_pipelines
 from matrix_provider.triggers.ray_job import TAIL_LINES, MatrixRayJobTrigger
-
-try:
-    from airflow.sdk.exceptions import AirflowException
-except ImportError:  # pragma: no cover - older layouts
-    from airflow.exceptions import AirflowException
 
 _MAX_RESUBMITS = 1000
 _PLACEMENT = ("entrypoint_num_cpus", "entrypoint_num_gpus", "entrypoint_memory", "entrypoint_resources")

@@ -13,11 +13,7 @@ from typing import Any
 from airflow.sdk import BaseOperator
 
 from matrix_provider.hooks.ray_jobs import TERMINAL, MatrixRayHook, RayJobsError
-
-try:
-    from airflow.sdk.exceptions import AirflowException
-except ImportError:  # pragma: no cover - older layouts
-    from airflow.exceptions import AirflowException
+from matrix_provider.operators.outcome import AirflowException
 
 
 class MatrixStopJobOperator(BaseOperator):

@@ -7,20 +7,15 @@ run's manifest. A FAILED or STOPPED job fails the sensor with the job's own erro
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import Any
 
 from airflow.providers.common.compat.sdk import BaseSensorOperator, PokeReturnValue, conf
 
 from matrix_provider.hooks.ray_jobs import TERMINAL, MatrixRayHook, RayUnavailable
-from matrix_provider.operators.outcome import failure_message, manifest_of
+from matrix_provider.operators.outcome import AirflowException, failure_message, manifest_of
 from matrix_provider.triggers.ray_job import MatrixRayJobTrigger
-
-try:
-    from airflow.sdk.exceptions import AirflowException
-except ImportError:  # pragma: no cover - older layouts
-    from airflow.exceptions import AirflowException
 
 
 class MatrixRayJobSensor(BaseSensorOperator):
@@ -79,25 +74,17 @@ class MatrixRayJobSensor(BaseSensorOperator):
         done = self.poke(context)
         if isinstance(done, PokeReturnValue):
             return done.xcom_value
-        deadline = time.time() + self.timeout if self.timeout else None
         self.defer(
             trigger=MatrixRayJobTrigger(
                 self.submission_id,
                 self.ray_conn_id,
                 self.poke_interval,
-                deadline=None,
                 outage_budget_s=self.outage_budget_s,
                 stream_progress=False,
             ),
             method_name="execute_complete",
-            timeout=None if deadline is None else _timedelta(deadline - time.time()),
+            timeout=timedelta(seconds=self.timeout) if self.timeout else None,
         )
 
     def execute_complete(self, context: Any, event: dict[str, Any]) -> dict[str, Any]:
         return self._outcome(MatrixRayHook(self.ray_conn_id), event["status"], event.get("message") or "")
-
-
-def _timedelta(seconds: float) -> Any:
-    from datetime import timedelta
-
-    return timedelta(seconds=max(seconds, 1.0))
