@@ -106,7 +106,8 @@ def _run_trigger(trigger: MatrixRayJobTrigger) -> dict:
             return event.payload
         raise AssertionError("trigger ended without an event")
 
-    return asyncio.run(first_event())
+    # Bounded: a job that never ends must fail this test with a reason, not hang it to pytest's timeout.
+    return asyncio.run(asyncio.wait_for(first_event(), timeout=300))
 
 
 def _wait_status(hook: MatrixRayHook, sid: str, statuses: set[str], timeout: float = 120) -> str:
