@@ -71,10 +71,13 @@ def test_losing_a_node_mid_run_loses_and_doubles_nothing(s3_server, tmp_path: Pa
             agent_nodes = _node_of(actors, "-agent-")
             assert len(agent_nodes) > 1, f"agents all on one node: {agent_nodes}"
             # Lose a worker node that hosts agents but neither the job's own process nor the simulator.
-            drivers = list_workers(address=cluster.dashboard_url, filters=[("worker_type", "=", "DRIVER")])
-            keep = {w.node_id for w in drivers} | _node_of(actors, "SimReplica")
+            # Every node registers as 127.0.0.1, so the job's process may sit on any node: it is found
+            # by its pid (the state API also lists dead drivers, e.g. the refused run's, on other nodes).
+            job = list_workers(address=cluster.dashboard_url, filters=[("pid", "=", str(proc.pid))], detail=True)
+            keep = {w.node_id for w in job} | _node_of(actors, "SimReplica")
             victims = [i for i, node in enumerate(cluster.workers) if node.node_id in agent_nodes - keep]
-            assert victims, "no worker node hosts only agents and drivers"
+            placement = {a.name or a.class_name: a.node_id[:8] for a in actors}
+            assert len(job) == 1 and victims, f"no worker node hosts only agents and drivers: {job} {placement}"
             node_id = kill_worker_raylet(cluster, victims[0])
             wait_node_dead(cluster, node_id)
             output, _ = proc.communicate(timeout=600)
