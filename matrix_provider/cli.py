@@ -3,6 +3,9 @@
     matrix run SPEC --input URI --output URI [--partitions N] [--concurrency N] [--overwrite] [KEY=VALUE ...]
     matrix serve SPEC [KEY=VALUE ...]     deploy the spec's LLM backend on the cluster, print endpoints
     matrix status                         Serve applications on the cluster and their health
+    matrix cluster up (--slurm | --local) [--nodes N] [--partition P] [--gpus-per-node G] ...
+    matrix cluster status|down [--name NAME]
+    matrix monitor [--name NAME]          write a Prometheus config for a cluster and start Prometheus
 
 Exit codes: 0 done, 2 bad spec/input/output/backend (nothing started), 1 the run failed.
 """
@@ -10,8 +13,10 @@ Exit codes: 0 done, 2 bad spec/input/output/backend (nothing started), 1 the run
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from matrix_provider.protocol import ERROR_PREFIX, MANIFEST_PREFIX
@@ -36,7 +41,38 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("spec")
     serve.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     sub.add_parser("status", help="Serve applications on the cluster and their health")
+    _cluster_parser(sub.add_parser("cluster", help="start, follow and stop a Ray cluster on SLURM or here"))
+    monitor = sub.add_parser("monitor", help="scrape a cluster's metrics with Prometheus")
+    _name_args(monitor)
+    monitor.add_argument("--port", type=int, default=9090, help="Prometheus' port on 127.0.0.1")
+    monitor.add_argument("--prometheus", default="prometheus", help="the Prometheus binary")
+    monitor.add_argument("--config-only", action="store_true", help="write prometheus.yml and exit")
     return parser
+
+
+def _name_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--name", default="matrix", help="the cluster's name")
+    parser.add_argument("--state-dir", help="its state directory [~/.matrix/clusters/NAME]")
+
+
+def _cluster_parser(cluster: argparse.ArgumentParser) -> None:
+    actions = cluster.add_subparsers(dest="action", required=True)
+    up = actions.add_parser("up", help="submit the cluster's jobs and wait until every node joined")
+    where = up.add_mutually_exclusive_group(required=True)
+    where.add_argument("--slurm", action="store_true", help="as SLURM batch jobs")
+    where.add_argument("--local", action="store_true", help="as processes on this machine")
+    _name_args(up)
+    up.add_argument("--nodes", type=int, default=1)
+    up.add_argument("--partition")
+    up.add_argument("--gpus-per-node", type=int, default=0)
+    up.add_argument("--cpus-per-node", type=int)
+    up.add_argument("--mem", help="memory per node, SLURM's syntax (e.g. 64G)")
+    up.add_argument("--time", help="time limit, SLURM's syntax (e.g. 4:00:00)")
+    up.add_argument("--account")
+    up.add_argument("--ray", help="the `ray` the nodes run [the one beside this Python]")
+    up.add_argument("--wait-s", type=float, default=600.0, help="give up (and cancel) after this long")
+    for action in ("status", "down"):
+        _name_args(actions.add_parser(action))
 
 
 def _fail(message: str, code: int = EXIT_USAGE) -> int:
@@ -105,6 +141,53 @@ def cmd_status(_: argparse.Namespace) -> int:
     return 0
 
 
+def _state_dir(args: argparse.Namespace) -> Path:
+    from matrix_provider.clusters.cluster import state_root
+
+    return Path(args.state_dir) if args.state_dir else state_root() / args.name
+
+
+def cmd_cluster(args: argparse.Namespace) -> int:
+    from matrix_provider.clusters import cluster
+    from matrix_provider.clusters.errors import ClusterError
+
+    try:
+        if args.action == "up":
+            spec = cluster.ClusterSpec(
+                name=args.name,
+                scheduler="slurm" if args.slurm else "local",
+                nodes=args.nodes,
+                partition=args.partition,
+                cpus_per_node=args.cpus_per_node,
+                gpus_per_node=args.gpus_per_node,
+                mem=args.mem,
+                time=args.time,
+                account=args.account,
+                state_dir=args.state_dir,
+                ray=args.ray,
+            )
+            info = cluster.up(spec, args.wait_s, log=lambda m: print(m, file=sys.stderr, flush=True))
+            print(json.dumps(dataclasses.asdict(info), indent=1))
+            print(f"RAY_ADDRESS={info.gcs_address} RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={info.token_file}")
+        elif args.action == "status":
+            print(json.dumps(cluster.status(_state_dir(args)), indent=1))
+        else:
+            print(f"cancelled jobs {', '.join(cluster.down(_state_dir(args)))}")
+    except ClusterError as exc:
+        return _fail(str(exc))
+    return 0
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    from matrix_provider.clusters.errors import ClusterError
+    from matrix_provider.monitoring.prometheus import run_prometheus
+
+    try:
+        return run_prometheus(_state_dir(args), args.port, args.prometheus, args.config_only)
+    except ClusterError as exc:
+        return _fail(str(exc))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
@@ -113,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if hasattr(args, "overrides"):
         args.overrides = [*args.overrides, *extra]
-    handler = {"run": cmd_run, "serve": cmd_serve, "status": cmd_status}[args.command]
+    handlers = {"run": cmd_run, "serve": cmd_serve, "status": cmd_status, "cluster": cmd_cluster}
+    handler = {**handlers, "monitor": cmd_monitor}[args.command]
     return handler(args)
 
 

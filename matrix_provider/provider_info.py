@@ -19,7 +19,11 @@ def get_provider_info() -> dict[str, Any]:
         "operators": [
             {
                 "integration-name": "Matrix on Ray",
-                "python-modules": ["matrix_provider.operators.pipeline", "matrix_provider.operators.stop"],
+                "python-modules": [
+                    "matrix_provider.operators.pipeline",
+                    "matrix_provider.operators.slurm_cluster",
+                    "matrix_provider.operators.stop",
+                ],
             }
         ],
         "sensors": [{"integration-name": "Matrix on Ray", "python-modules": ["matrix_provider.sensors.ray_job"]}],

@@ -18,6 +18,7 @@ import asyncio
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -74,10 +75,17 @@ class MatrixRayHook(BaseHook):
     hook_name = "Matrix on Ray (Jobs API)"
 
     def __init__(
-        self, ray_conn_id: str = default_conn_name, timeout_s: float = 30.0, retry_s: float | None = None
+        self,
+        ray_conn_id: str = default_conn_name,
+        timeout_s: float = 30.0,
+        retry_s: float | None = None,
+        cluster: dict[str, Any] | None = None,
     ) -> None:
+        """`cluster`: what a cluster setup task handed on (`dashboard_url`, `token_file`); used instead of
+        the connection, so a cluster brought up for one DAG run needs no pre-made connection."""
         super().__init__()
         self.ray_conn_id = ray_conn_id
+        self.cluster = cluster
         self.timeout_s = timeout_s
         self.retry_s = retry_s
         self._endpoint: RayEndpoint | None = None
@@ -99,7 +107,19 @@ class MatrixRayHook(BaseHook):
             retry_s=float(extra.get("retry_s") or DEFAULT_RETRY_S),
         )
 
+    def _endpoint_of_cluster(self, cluster: dict[str, Any]) -> RayEndpoint:
+        url = str(cluster.get("dashboard_url") or "").rstrip("/")
+        if not url:
+            raise RayJobsError(f"cluster {cluster.get('name')!r} has no dashboard address: did its setup task succeed?")
+        try:
+            token = Path(cluster["token_file"]).read_text().strip() if cluster.get("token_file") else None
+        except OSError as exc:
+            raise RayJobsError(f"cannot read cluster {cluster.get('name')!r}'s token file: {exc}") from None
+        return RayEndpoint(url, token, True, url, None, DEFAULT_RETRY_S)
+
     def endpoint(self) -> RayEndpoint:
+        if self._endpoint is None and self.cluster:
+            self._endpoint = self._endpoint_of_cluster(self.cluster)
         if self._endpoint is None:
             try:
                 conn = self.get_connection(self.ray_conn_id)
@@ -109,6 +129,8 @@ class MatrixRayHook(BaseHook):
         return self._endpoint
 
     async def aendpoint(self) -> RayEndpoint:
+        if self._endpoint is None and self.cluster:
+            self._endpoint = self._endpoint_of_cluster(self.cluster)
         if self._endpoint is None:
             try:
                 conn = await self.aget_connection(self.ray_conn_id)

@@ -1,6 +1,12 @@
 """Airflow operators."""
 
 from matrix_provider.operators.pipeline import MatrixPipelineOperator
+from matrix_provider.operators.slurm_cluster import MatrixSlurmClusterOperator, MatrixSlurmClusterTeardownOperator
 from matrix_provider.operators.stop import MatrixStopJobOperator
 
-__all__ = ["MatrixPipelineOperator", "MatrixStopJobOperator"]
+__all__ = [
+    "MatrixPipelineOperator",
+    "MatrixSlurmClusterOperator",
+    "MatrixSlurmClusterTeardownOperator",
+    "MatrixStopJobOperator",
+]

@@ -27,6 +27,7 @@ from airflow.providers.common.compat.sdk import conf
 from airflow.sdk import Asset, AssetAlias, BaseOperator
 
 from matrix_provider import __version__
+from matrix_provider.clusters.cluster import ended as cluster_ended
 from matrix_provider.hooks.ray_jobs import ACTIVE, TERMINAL, MatrixRayHook, RayJobsError, RayUnavailable
 from matrix_provider.links.ray import (
     CONN_ID_KEY,
@@ -94,6 +95,8 @@ class MatrixPipelineOperator(BaseOperator):
     :param concurrency: rows in flight per partition. Templated.
     :param overrides: Hydra overrides, e.g. ``{"llm": "sim", "roles.score.replicas": 4}``. Templated.
     :param ray_conn_id: connection of type ``matrix_ray`` (Ray dashboard host/port, token as password). Templated.
+    :param cluster: instead of a connection, the cluster a setup task brought up for this DAG run
+        (``MatrixSlurmClusterOperator(...).output``: dashboard address and token file, no token).
     :param runtime_env: Ray runtime_env for the job (e.g. ``{"pip": [...]}``); never put secrets here.
     :param deferrable: wait in the triggerer instead of holding a worker slot
         (default: ``[operators] default_deferrable``).
@@ -115,6 +118,7 @@ class MatrixPipelineOperator(BaseOperator):
         "output_uri",
         "overrides",
         "ray_conn_id",
+        "cluster",
         "partitions",
         "concurrency",
     )
@@ -141,6 +145,7 @@ class MatrixPipelineOperator(BaseOperator):
         concurrency: int | str = 64,
         overrides: dict[str, Any] | None = None,
         ray_conn_id: str = MatrixRayHook.default_conn_name,
+        cluster: dict[str, Any] | None = None,
         runtime_env: dict[str, Any] | None = None,
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
         wait_for_completion: bool = True,
@@ -165,6 +170,7 @@ class MatrixPipelineOperator(BaseOperator):
         self.concurrency = concurrency
         self.overrides = overrides or {}
         self.ray_conn_id = ray_conn_id
+        self.cluster = cluster
         self.runtime_env = runtime_env
         self.deferrable = deferrable
         self.wait_for_completion = wait_for_completion
@@ -293,7 +299,7 @@ class MatrixPipelineOperator(BaseOperator):
     # -- execution ------------------------------------------------------------------------------
     def execute(self, context: Any) -> dict[str, Any]:
         self._check_arguments()
-        hook = MatrixRayHook(self.ray_conn_id)
+        hook = MatrixRayHook(self.ray_conn_id, cluster=self.cluster)
         try:
             hook.version()
             submission_id, job = self.submit_or_attach(hook, context)
@@ -317,6 +323,7 @@ class MatrixPipelineOperator(BaseOperator):
                     self.poll_interval,
                     deadline=deadline,
                     outage_budget_s=self.outage_budget_s,
+                    cluster=self.cluster,
                 ),
                 method_name="execute_complete",
             )
@@ -332,6 +339,8 @@ class MatrixPipelineOperator(BaseOperator):
                 down_since = None
             except RayUnavailable as exc:
                 down_since = down_since or time.monotonic()
+                if gone := self.cluster and cluster_ended(self.cluster):
+                    raise AirflowException(f"{exc} — {gone}: Ray job {submission_id} ended with it") from None
                 if time.monotonic() - down_since >= self.outage_budget_s:
                     raise AirflowException(f"{exc}; gave up after outage_budget_s={self.outage_budget_s:.0f}") from None
                 self.log.warning("%s; waiting", exc)
@@ -353,7 +362,7 @@ class MatrixPipelineOperator(BaseOperator):
 
     def execute_complete(self, context: Any, event: dict[str, Any]) -> dict[str, Any]:
         """Runs on a fresh operator instance: everything it needs is in the event."""
-        hook = MatrixRayHook(self.ray_conn_id)
+        hook = MatrixRayHook(self.ray_conn_id, cluster=self.cluster)
         submission_id = event["submission_id"]
         self._submission_id = submission_id
         if event["status"] == "ERROR" and not will_retry(context):
@@ -386,7 +395,7 @@ class MatrixPipelineOperator(BaseOperator):
     def on_kill(self) -> None:
         """Killed while polling in the worker (deferrable=False): stop the Ray job too."""
         if self._submission_id:
-            MatrixRayHook(self.ray_conn_id).stop(self._submission_id)
+            MatrixRayHook(self.ray_conn_id, cluster=self.cluster).stop(self._submission_id)
             self.log.info("stopped Ray job %s", self._submission_id)
 
 

@@ -214,6 +214,10 @@ class PartitionDriver:
         held = self.store.commit_unit(record)
         if held["attempt"] != run.attempt:  # another attempt committed first: ours are orphans
             self.store.fs.rm([self.store.path(p["name"]) for p in run.parts])
+        else:
+            self.metrics.units_committed.inc()
+            if run.parts:
+                self.metrics.parts_committed.inc(len(run.parts))
         return held
 
     def _spawn(self, coro: Any) -> None:

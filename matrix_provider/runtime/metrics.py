@@ -1,7 +1,9 @@
 """Ray metrics (exported to Prometheus by every Ray node's metrics agent).
 
 Per role: queue length, in flight, processed, errors, step latency, tokens.
-Per pipeline: rows done by status, prompt and completion tokens.
+Per pipeline: rows done by status, prompt and completion tokens, rows in flight, redeliveries,
+units and parts committed. Ray exports each with a `ray_` prefix; a counter appears in a scrape
+from its first increment on. The shipped dashboards (`monitoring/dashboards/`) query these.
 """
 
 from __future__ import annotations
@@ -35,5 +37,8 @@ class PipelineMetrics:
         self.completion_tokens = Counter("matrix_completion_tokens_total", "completion tokens of finished rows", keys)
         self.in_flight = Gauge("matrix_rows_in_flight", "rows admitted and not yet finished", (*keys, "partition"))
         self.redelivered = Counter("matrix_rows_redelivered_total", "rows delivered again after loss or deadline", keys)
-        for metric in (self.rows, self.prompt_tokens, self.completion_tokens, self.in_flight, self.redelivered):
+        self.units_committed = Counter("matrix_units_committed_total", "input units committed to the output", keys)
+        self.parts_committed = Counter("matrix_parts_committed_total", "Parquet parts of committed units", keys)
+        counters = (self.rows, self.prompt_tokens, self.completion_tokens, self.redelivered)
+        for metric in (*counters, self.units_committed, self.parts_committed, self.in_flight):
             metric.set_default_tags({"pipeline": pipeline})

@@ -17,6 +17,7 @@ from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
+from matrix_provider.clusters.cluster import ended as cluster_ended
 from matrix_provider.hooks.ray_jobs import TERMINAL, MatrixRayHook, RayJobsError, RayUnavailable
 from matrix_provider.protocol import new_progress
 
@@ -34,6 +35,7 @@ class MatrixRayJobTrigger(BaseTrigger):
         outage_since: float | None = None,
         last_progress: str = "",
         stream_progress: bool = True,
+        cluster: dict[str, Any] | None = None,
     ):
         super().__init__()
         self.submission_id = submission_id
@@ -44,6 +46,7 @@ class MatrixRayJobTrigger(BaseTrigger):
         self.outage_since = outage_since
         self.last_progress = last_progress
         self.stream_progress = stream_progress
+        self.cluster = cluster
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -57,6 +60,7 @@ class MatrixRayJobTrigger(BaseTrigger):
                 "outage_since": self.outage_since,
                 "last_progress": self.last_progress,
                 "stream_progress": self.stream_progress,
+                "cluster": self.cluster,
             },
         )
 
@@ -65,7 +69,7 @@ class MatrixRayJobTrigger(BaseTrigger):
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         # Short retries per call, so an outage shows in the task log as it happens; the budget spans calls.
-        hook = MatrixRayHook(self.ray_conn_id, retry_s=min(5.0, self.outage_budget_s))
+        hook = MatrixRayHook(self.ray_conn_id, retry_s=min(5.0, self.outage_budget_s), cluster=self.cluster)
         try:
             async for event in self._watch(hook):
                 yield event
@@ -83,6 +87,10 @@ class MatrixRayJobTrigger(BaseTrigger):
             except RayUnavailable as exc:
                 self.outage_since = self.outage_since or time.time()
                 down = time.time() - self.outage_since
+                gone = await asyncio.to_thread(cluster_ended, self.cluster) if self.cluster else None
+                if gone:
+                    yield self._event("ERROR", f"{exc} — {gone}: Ray job {self.submission_id} ended with it")
+                    return
                 if down >= self.outage_budget_s:
                     yield self._event(
                         "ERROR",
@@ -120,7 +128,7 @@ class MatrixRayJobTrigger(BaseTrigger):
 
     async def on_kill(self) -> None:
         """A user killed the deferred task: stop the Ray job too."""
-        hook = MatrixRayHook(self.ray_conn_id)
+        hook = MatrixRayHook(self.ray_conn_id, cluster=self.cluster)
         try:
             self.log.info("stopped Ray job %s: %s", self.submission_id, await hook.astop(self.submission_id))
         finally:

@@ -1,0 +1,79 @@
+"""The scripts that start a Ray cluster's nodes, for SLURM batch jobs and for `--local`.
+
+The head script picks free ports on its node, writes the cluster's addresses to `head.json` in
+the state directory (which SLURM users keep on a shared filesystem) and runs `ray start --head
+--block`; a worker script waits for `head.json` and joins. Both run Ray in the foreground, so the
+scheduler that owns the script (slurmd, or our own process group with `--local`) owns every Ray
+process, and cancelling the job ends them. Token auth is always on; the token is read from a
+0600 file in the state directory, never from the command line.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+
+# Free ports are chosen on the node that binds them, by the node's own Python.
+_PRELUDE = """\
+set -uo pipefail
+export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={token} RAY_USAGE_STATS_ENABLED=0
+free_port() {{ {python} -c 'import socket; s=socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])'; }}
+node_ip=$({python} -c 'import socket; print(socket.gethostbyname(socket.gethostname()))')
+job="{tag}-${{SLURM_JOB_ID:-local$$}}${{SLURM_ARRAY_TASK_ID:+-$SLURM_ARRAY_TASK_ID}}"
+cpus="${{SLURM_CPUS_ON_NODE:-{cpus}}}"
+"""
+
+_HEAD = """\
+gcs=$(free_port); dash=$(free_port); metrics=$(free_port); agent=$(free_port)
+printf '{{"gcs_address": "%s:%s", "dashboard_url": "http://%s:%s", "metrics_export_port": %s, \
+"node_ip": "%s", "job": "%s"}}\\n' "$node_ip" "$gcs" "$node_ip" "$dash" "$metrics" "$node_ip" "$job" \
+> {state}/head.json.tmp && mv {state}/head.json.tmp {state}/head.json
+exec {ray} start --head --block --node-ip-address="$node_ip" --port="$gcs" \
+  --dashboard-host="$node_ip" --dashboard-port="$dash" --metrics-export-port="$metrics" \
+  --dashboard-agent-listen-port="$agent" --num-cpus="$cpus" --num-gpus={gpus} \
+  --temp-dir="/tmp/mx-$job" --disable-usage-stats
+"""
+
+_WORKER = """\
+for _ in $(seq 600); do [[ -s {state}/head.json ]] && break; sleep 1; done
+gcs=$({python} -c 'import json, sys; print(json.load(open(sys.argv[1]))["gcs_address"])' {state}/head.json) || exit 1
+metrics=$(free_port); agent=$(free_port)
+exec {ray} start --block --address="$gcs" --node-ip-address="$node_ip" --metrics-export-port="$metrics" \
+  --dashboard-agent-listen-port="$agent" --num-cpus="$cpus" --num-gpus={gpus} \
+  --temp-dir="/tmp/mx-$job" --disable-usage-stats
+"""
+
+
+@dataclass(frozen=True)
+class NodeCommand:
+    """What every node of a cluster runs: the `ray` to start and the node's size."""
+
+    ray: str
+    python: str
+    state_dir: str
+    token_file: str
+    cpus: int
+    gpus: int
+    tag: str  # this cluster's, in its nodes' Ray temp dirs: job ids repeat across SLURM instances
+
+    def temp_dir(self, job: str) -> str:
+        """A node's Ray temp dir (short: Ray's socket paths under it must fit AF_UNIX's 107 bytes)."""
+        return f"/tmp/mx-{self.tag}-{job}"
+
+    def _fill(self, body: str) -> str:
+        values = {
+            "ray": shlex.quote(self.ray),
+            "python": shlex.quote(self.python),
+            "state": shlex.quote(self.state_dir),
+            "token": shlex.quote(self.token_file),
+            "cpus": self.cpus,
+            "gpus": self.gpus,
+            "tag": self.tag,
+        }
+        return _PRELUDE.format(**values) + body.format(**values)
+
+    def head(self) -> str:
+        return self._fill(_HEAD)
+
+    def worker(self) -> str:
+        return self._fill(_WORKER)

@@ -1,0 +1,61 @@
+"""`matrix monitor`: a Prometheus config for a running cluster, and Prometheus started on it.
+
+Targets come from Ray's own service-discovery file (`prom_metrics_service_discovery.json` in the
+head's session directory, rewritten by Ray as nodes join and leave), so workers that a scheduler
+adds, requeues or loses are followed without a restart. Run it where that file is readable: on
+the head node, or anywhere with a path to it.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from matrix_provider.clusters.cluster import ClusterInfo
+from matrix_provider.clusters.errors import ClusterError
+
+SD_FILE = "prom_metrics_service_discovery.json"
+SCRAPE_INTERVAL_S = 5
+
+
+def discovery_file(info: ClusterInfo) -> Path:
+    if not info.temp_dir:
+        raise ClusterError(f"cluster {info.name!r} has no head address yet: is it up? (`matrix cluster status`)")
+    return Path(info.temp_dir) / "session_latest" / SD_FILE
+
+
+def write_config(state_dir: Path) -> Path:
+    """prometheus.yml in the state directory: Ray's targets, labelled with the cluster's name."""
+    info = ClusterInfo.load(state_dir)
+    config = state_dir / "prometheus.yml"
+    config.write_text(
+        "global:\n"
+        f"  scrape_interval: {SCRAPE_INTERVAL_S}s\n"
+        f"  evaluation_interval: {SCRAPE_INTERVAL_S}s\n"
+        "scrape_configs:\n"
+        "  - job_name: ray\n"
+        "    file_sd_configs:\n"
+        f"      - files: ['{discovery_file(info)}']\n"
+        "    relabel_configs:\n"
+        "      - target_label: cluster\n"
+        f"        replacement: {info.name}\n"
+    )
+    return config
+
+
+def run_prometheus(state_dir: Path, port: int, binary: str, config_only: bool) -> int:
+    """Write the config; unless `config_only`, run Prometheus on 127.0.0.1:`port` until stopped."""
+    config = write_config(state_dir)
+    print(f"wrote {config}", flush=True)
+    if config_only:
+        return 0
+    args = [
+        binary,
+        f"--config.file={config}",
+        f"--storage.tsdb.path={state_dir / 'prometheus-data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+    ]
+    try:
+        return subprocess.run(args, check=False).returncode
+    except FileNotFoundError:
+        raise ClusterError(f"Prometheus binary {binary!r} not found: install it or pass --prometheus") from None

@@ -1,0 +1,295 @@
+"""Ray clusters on a real single-node SLURM (tests/slurm.py), scraped by a real Prometheus.
+
+`matrix cluster up --slurm` starts Ray as batch jobs; a pipeline runs on it through `matrix run`
+while `matrix monitor`'s Prometheus scrapes it, and every query of the shipped dashboards must name
+a metric that scrape returned. A DAG brings a cluster up and down around a pipeline task; a
+cluster cancelled under a running pipeline fails the task with SLURM's account and leaves nothing.
+Bad input (no SLURM, a partition that does not exist, a job that never starts) gets one error
+with SLURM's reason and cancels what was submitted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from tests.conftest import CORPUS, REPO, VENV_BIN, free_port, read_manifest, run_matrix
+from tests.slurm import SlurmCluster, running_slurm
+
+DASHBOARDS = REPO / "matrix_provider" / "monitoring" / "dashboards"
+# Slow enough that the run spans several scrapes; retries, failed steps and redeliveries happen too,
+# so the dashboards' panels for them have data.
+SCRAPED_SIM = [
+    "llm=sim",
+    "llm.decode_s_per_token=0.02",
+    "llm.output_tokens_mean=30",
+    "llm.error_rate=0.3",
+    "llm.retries=0",
+    "orchestrator.row_deadline_s=1.5",
+    "orchestrator.audit_interval_s=0.5",
+    "io.part_rows=40",
+]
+
+
+@pytest.fixture(scope="module")
+def slurm() -> SlurmCluster:
+    with running_slurm(cpus=2) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def env(slurm: SlurmCluster, tmp_path: Path) -> dict[str, str]:
+    clean = {k: v for k, v in slurm.env.items() if not k.startswith(("RAY_", "AIRFLOW"))}
+    return {**clean, "PATH": f"{VENV_BIN}:{clean['PATH']}", "MATRIX_CLUSTER_DIR": str(tmp_path / "clusters")}
+
+
+def _squeue(env: dict[str, str]) -> list[str]:
+    out = subprocess.run(["squeue", "-h", "-o", "%i %T"], env=env, capture_output=True, text=True, check=True)
+    return out.stdout.split("\n")[:-1]
+
+
+def _ray_processes_of(info: dict) -> list[str]:
+    """Processes whose command line names one of the cluster's Ray temp dirs (`/tmp/mx-<tag>-<job>`)."""
+    mark = info["temp_dir"].rsplit("-", 1)[0] + "-"
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        line = " ".join(proc.info["cmdline"] or [])
+        if mark in line:
+            found.append(line[:200])
+    return found
+
+
+def _assert_nothing_left(env: dict[str, str], info: dict) -> None:
+    deadline = time.monotonic() + 30
+    while (_squeue(env) or _ray_processes_of(info)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _squeue(env) == [], _squeue(env)
+    assert _ray_processes_of(info) == []
+
+
+def _up(env: dict[str, str], *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    return run_matrix(["cluster", "up", "--slurm", "--wait-s", "180", *args], env, timeout=timeout)
+
+
+def _metric_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression reads (label matchers, groupings and functions removed)."""
+    expr = re.sub(r"\{[^}]*\}", "", expr)
+    expr = re.sub(r"\b(by|without|on|ignoring)\s*\([^)]*\)", "", expr)
+    expr = re.sub(r"\[[^\]]*\]", "", expr)
+    words = [m[1] for m in re.finditer(r"([A-Za-z_:][A-Za-z0-9_:]*)(\s*\()?", expr) if not m[2]]
+    keywords = {"by", "without", "on", "ignoring", "and", "or", "unless", "bool", "offset", "group_left", "group_right"}
+    return {w for w in words if w not in keywords}
+
+
+def _dashboard_queries() -> list[str]:
+    queries = []
+    for path in sorted(DASHBOARDS.glob("*.json")):
+        board = json.loads(path.read_text())
+        queries += [t["expr"] for panel in board["panels"] for t in panel.get("targets", [])]
+        queries += [v["definition"] for v in board["templating"]["list"] if v.get("type") == "query"]
+    return queries
+
+
+def test_metric_names_of_a_query() -> None:
+    # The checker below must see through functions, groupings, matchers and ranges.
+    expr = 'histogram_quantile(0.95, sum by (role, le) (rate(ray_x_bucket{pipeline=~"$p"}[5m]))) / sum(ray_y)'
+    assert _metric_names(expr) == {"ray_x_bucket", "ray_y"}
+    assert _metric_names("label_values(ray_matrix_rows_total, pipeline)") == {"ray_matrix_rows_total", "pipeline"}
+
+
+@pytest.mark.timeout(600)
+def test_cluster_on_slurm_runs_a_pipeline_that_prometheus_scrapes(env, tmp_path: Path) -> None:
+    up = _up(env, "--name", "scraped", "--cpus-per-node", "2")
+    assert up.returncode == 0, up.stderr[-3000:]
+    info = json.loads(up.stdout[: up.stdout.rindex("}") + 1])
+    assert len(info["jobs"]) == 1 and _squeue(env) == [f"{info['jobs'][0]} RUNNING"]
+    token_file = Path(info["token_file"])
+    assert token_file.stat().st_mode & 0o077 == 0 and token_file.read_text().strip() not in up.stdout + up.stderr
+    second = _up(env, "--name", "scraped")
+    assert second.returncode == 2 and "already up" in second.stderr, second.stderr
+
+    port = free_port()
+    monitor = subprocess.Popen(
+        [str(VENV_BIN / "matrix"), "monitor", "--name", "scraped", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    prometheus = f"http://127.0.0.1:{port}/api/v1"
+    try:
+        run_env = {
+            **env,
+            "RAY_ADDRESS": info["gcs_address"],
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": info["token_file"],
+        }
+        out = tmp_path / "out"
+        args = ["run", "natural_reasoning", "--input", str(CORPUS), "--output", str(out), "--partitions", "2"]
+        done = run_matrix([*args, "--concurrency", "24", *SCRAPED_SIM, "--quiet"], run_env, timeout=400)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert read_manifest(str(out))["rows_in"] == 240
+
+        def query(promql: str) -> dict[str, float]:
+            data = httpx.get(f"{prometheus}/query", params={"query": promql}, timeout=10).json()["data"]["result"]
+            return {json.dumps(r["metric"], sort_keys=True): float(r["value"][1]) for r in data}
+
+        # Ray's agents export every few seconds and Prometheus scrapes every 5 s: wait for the last rows.
+        tokens_by_role = "sum by (role) (max_over_time(rate(ray_matrix_role_tokens_total[30s])[5m:5s]))"
+        deadline = time.monotonic() + 30
+        while not (tokens := query(tokens_by_role)) and time.monotonic() < deadline:
+            time.sleep(1)
+        assert tokens and all(v > 0 for v in tokens.values()), query("ray_matrix_role_tokens_total[5m]")
+        queues = query("sum by (role) (max_over_time(ray_matrix_role_queue_length[5m]))")
+        assert {json.loads(k)["role"] for k in queues} >= {json.loads(k)["role"] for k in tokens}, queues
+
+        scraped = set(httpx.get(f"{prometheus}/label/__name__/values", timeout=10).json()["data"])
+        labels = {"pipeline", "role", "status", "kind", "partition", "instance", "le", "State"}
+        for expr in _dashboard_queries():
+            missing = _metric_names(expr) - scraped - labels
+            assert not missing, f"dashboard query {expr!r} names {missing}, which the scrape never returned"
+    finally:
+        monitor.terminate()
+        monitor.wait(timeout=30)
+        down = run_matrix(["cluster", "down", "--name", "scraped"], env, timeout=180)
+    assert down.returncode == 0, down.stderr
+    _assert_nothing_left(env, info)
+
+
+def test_bad_requests_get_slurms_reason_and_leave_nothing(env, tmp_path: Path) -> None:
+    no_slurm = {**env, "PATH": f"{VENV_BIN}:/usr/local/nonexistent"}
+    done = run_matrix(["cluster", "up", "--slurm", "--name", "x"], no_slurm, timeout=60)
+    assert done.returncode == 2 and "sbatch" in done.stderr and "--local" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+    done = _up(env, "--name", "nopart", "--partition", "nope")
+    assert done.returncode == 2 and "invalid partition" in done.stderr.lower(), done.stderr
+    assert "Traceback" not in done.stderr
+
+    # More CPUs than the node has: SLURM keeps the job pending; `up` gives up with the pending
+    # reason, and cancels the job.
+    done = run_matrix(
+        ["cluster", "up", "--slurm", "--name", "big", "--cpus-per-node", "64", "--wait-s", "8"], env, timeout=60
+    )
+    assert done.returncode == 2, done.stderr
+    assert "not up after 8 s" in done.stderr and "PENDING" in done.stderr, done.stderr
+    assert _squeue(env) == []
+
+
+def _airflow_env(airflow_env, env: dict[str, str], tmp_path: Path, **extra: str) -> dict[str, str]:
+    dags = tmp_path / "dags"
+    dags.mkdir(exist_ok=True)
+    (dags / "matrix_slurm.py").write_text((REPO / "dags" / "matrix_slurm.py").read_text())
+    return {
+        **airflow_env.env,
+        "SLURM_CONF": env["SLURM_CONF"],
+        "MATRIX_CLUSTER_DIR": env["MATRIX_CLUSTER_DIR"],
+        "AIRFLOW__CORE__DAGS_FOLDER": str(dags),
+        "MATRIX_SLURM_NODES": "1",
+        "MATRIX_SLURM_CPUS": "2",
+        "MATRIX_SLURM_TIME": "0:20:00",
+        "MATRIX_SLURM_WAIT_S": "180",
+        "MATRIX_SLURM_INPUT": str(CORPUS),
+        "MATRIX_SLURM_OUTPUT": str(tmp_path / "curated"),
+        **extra,
+    }
+
+
+@pytest.mark.timeout(600)
+def test_dag_brings_a_cluster_up_runs_on_it_and_tears_it_down(airflow_env, env, tmp_path: Path) -> None:
+    overrides = {"llm": "sim", "llm.decode_s_per_token": 0.002}
+    run_env = _airflow_env(
+        airflow_env, env, tmp_path, MATRIX_SLURM_OVERRIDES=json.dumps(overrides), MATRIX_SLURM_DEFERRABLE="0"
+    )
+    done = subprocess.run(
+        [str(VENV_BIN / "airflow"), "dags", "test", "matrix_slurm_curation"],
+        env=run_env,
+        capture_output=True,
+        text=True,
+        timeout=540,
+        cwd=airflow_env.home,
+    )
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-4000:]
+    outputs = list((tmp_path / "curated").glob("*/_SUCCESS"))
+    assert len(outputs) == 1, log[-3000:]
+    assert read_manifest(str(outputs[0].parent))["rows_in"] == 240
+    (state,) = Path(env["MATRIX_CLUSTER_DIR"]).iterdir()
+    info = json.loads((state / "cluster.json").read_text())
+    assert Path(info["token_file"]).read_text().strip() not in log  # the token never reaches a log
+    _assert_nothing_left(env, info)
+
+
+@pytest.mark.timeout(600)
+def test_a_cluster_cancelled_under_a_running_pipeline_fails_the_task_and_leaves_nothing(
+    airflow_env, env, tmp_path: Path
+) -> None:
+    slow = {"llm": "sim", "llm.decode_s_per_token": 0.05, "llm.output_tokens_mean": 40}
+    run_env = _airflow_env(airflow_env, env, tmp_path, MATRIX_SLURM_OVERRIDES=json.dumps(slow))
+    proc = subprocess.Popen(
+        [str(VENV_BIN / "airflow"), "dags", "test", "matrix_slurm_curation"],
+        env=run_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=airflow_env.home,
+    )
+    try:
+        info = _wait_for_running_job(env, proc)
+        subprocess.run(["scancel", info["jobs"][0]], env=env, check=True)
+        log, _ = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0, log[-3000:]
+    assert f"has ended (slurm: job {info['jobs'][0]} CANCELLED" in log, log[-4000:]
+    assert "cluster_down" in log
+    _assert_nothing_left(env, info)
+
+
+def _wait_for_running_job(env: dict[str, str], proc: subprocess.Popen) -> dict:
+    """The cluster's state once the pipeline's Ray job is RUNNING on it."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        states = list(Path(env["MATRIX_CLUSTER_DIR"]).glob("*/cluster.json"))
+        info = json.loads(states[0].read_text()) if states else {}
+        if info.get("dashboard_url"):
+            token = Path(info["token_file"]).read_text().strip()
+            try:
+                jobs = httpx.get(
+                    f"{info['dashboard_url']}/api/jobs/", headers={"Authorization": f"Bearer {token}"}, timeout=5
+                ).json()
+            except httpx.HTTPError:
+                jobs = []
+            if any(j["status"] == "RUNNING" for j in jobs):
+                time.sleep(3)  # under way, not just started
+                return info
+        time.sleep(1)
+    raise AssertionError("the pipeline's Ray job never ran")
+
+
+def test_local_cluster_has_the_same_commands(tmp_path: Path) -> None:
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("RAY_")},
+        "MATRIX_CLUSTER_DIR": str(tmp_path / "c"),
+    }
+    up = run_matrix(["cluster", "up", "--local", "--name", "here", "--nodes", "2", "--cpus-per-node", "1"], env)
+    assert up.returncode == 0, up.stderr[-3000:]
+    info = json.loads(up.stdout[: up.stdout.rindex("}") + 1])
+    try:
+        status = json.loads(run_matrix(["cluster", "status", "--name", "here"], env).stdout)
+        assert status["alive_nodes"] == 2
+        assert {s["state"] for s in status["job_states"].values()} == {"RUNNING"}
+    finally:
+        down = run_matrix(["cluster", "down", "--name", "here"], env, timeout=120)
+    assert down.returncode == 0, down.stderr
+    pids = [int(p) for job in info["jobs"] for p in job.removeprefix("local:").split(",")]
+    assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+    assert _ray_processes_of(info) == []
