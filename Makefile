@@ -5,7 +5,7 @@ UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test lint bench scale clean
+.PHONY: install demo test lint bench scale clean image
 
 $(UV):
 	python3 -m pip install --user --quiet uv==$(UV_VERSION)
@@ -34,6 +34,11 @@ scale: install
 
 bench: install
 	$(PY) bench/run.py
+
+# The runtime image built for real, offline, on a stand-in for rayproject/ray made here (debootstrap),
+# then `matrix run prefilter` inside it: see docker/README.md.
+image: install
+	UV=$(UV) PY=$(abspath $(PY)) bash docker/build_and_check.sh
 
 clean:
 	rm -rf demo-output .pytest_cache .ruff_cache
