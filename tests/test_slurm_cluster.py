@@ -161,6 +161,8 @@ def test_cluster_on_slurm_runs_a_pipeline_that_prometheus_scrapes(env, tmp_path:
         down = run_matrix(["cluster", "down", "--name", "scraped"], env, timeout=180)
     assert down.returncode == 0, down.stderr
     _assert_nothing_left(env, info)
+    assert monitor.returncode is not None
+    assert not [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])]
 
 
 def test_bad_requests_get_slurms_reason_and_leave_nothing(env, tmp_path: Path) -> None:

@@ -123,14 +123,18 @@ class LocalScheduler:
         return {job: JobState("RUNNING" if any(map(_alive, _pids(job))) else "COMPLETED", "None") for job in job_ids}
 
     def cancel(self, job_ids: list[str]) -> None:
-        groups = [pid for job in job_ids for pid in _pids(job) if _alive(pid)]
-        for sig, wait_s in ((signal.SIGTERM, 30.0), (signal.SIGKILL, 10.0)):
-            for pid in groups:
-                _signal_group(pid, sig)
-            deadline = time.monotonic() + wait_s
-            while any(map(_alive, groups)) and time.monotonic() < deadline:
-                time.sleep(0.2)
-            groups = [pid for pid in groups if _alive(pid)]
+        """SIGTERM to each `ray start --block` (it stops its node in ~3 s; a SIGTERM to the whole group
+        leaves gcs_server and raylet hanging), then SIGKILL to whatever of the group is left."""
+        leaders = [pid for job in job_ids for pid in _pids(job) if _alive(pid)]
+        for pid in leaders:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        while any(map(_alive, leaders)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for pid in leaders:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
 
 
 def _pids(job: str) -> list[int]:
@@ -143,11 +147,6 @@ def _alive(pid: int) -> bool:
             return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (FileNotFoundError, ProcessLookupError):
         return False
-
-
-def _signal_group(pid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, sig)
 
 
 def scheduler_for(kind: str, env: dict[str, str] | None = None) -> Scheduler:

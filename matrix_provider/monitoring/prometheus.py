@@ -8,7 +8,8 @@ the head node, or anywhere with a path to it.
 
 from __future__ import annotations
 
-import subprocess
+import os
+import shutil
 from pathlib import Path
 
 from matrix_provider.clusters.cluster import ClusterInfo
@@ -44,7 +45,8 @@ def write_config(state_dir: Path) -> Path:
 
 
 def run_prometheus(state_dir: Path, port: int, binary: str, config_only: bool) -> int:
-    """Write the config; unless `config_only`, run Prometheus on 127.0.0.1:`port` until stopped."""
+    """Write the config; unless `config_only`, become Prometheus on 127.0.0.1:`port` (exec: a signal
+    to `matrix monitor` reaches Prometheus itself, and no orphan is left)."""
     config = write_config(state_dir)
     print(f"wrote {config}", flush=True)
     if config_only:
@@ -55,7 +57,7 @@ def run_prometheus(state_dir: Path, port: int, binary: str, config_only: bool) -
         f"--storage.tsdb.path={state_dir / 'prometheus-data'}",
         f"--web.listen-address=127.0.0.1:{port}",
     ]
-    try:
-        return subprocess.run(args, check=False).returncode
-    except FileNotFoundError:
-        raise ClusterError(f"Prometheus binary {binary!r} not found: install it or pass --prometheus") from None
+    found = shutil.which(binary)
+    if not found:
+        raise ClusterError(f"Prometheus binary {binary!r} not found: install it or pass --prometheus")
+    os.execv(found, args)
