@@ -21,8 +21,8 @@ demo: install
 		--partitions 2 --concurrency 16
 
 lint: install
-	$(VENV)/bin/ruff check matrix_provider tests bench dags scripts
-	$(VENV)/bin/ruff format --check matrix_provider tests bench dags scripts
+	$(VENV)/bin/ruff check matrix_provider tests bench dags scripts tools
+	$(VENV)/bin/ruff format --check matrix_provider tests bench dags scripts tools
 
 test: install lint
 	bash tests/system_deps.sh

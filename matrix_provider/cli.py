@@ -70,6 +70,9 @@ def _cluster_parser(cluster: argparse.ArgumentParser) -> None:
     up.add_argument("--time", help="time limit, SLURM's syntax (e.g. 4:00:00)")
     up.add_argument("--account")
     up.add_argument("--ray", help="the `ray` the nodes run [the one beside this Python]")
+    up.add_argument(
+        "--export-env", action="append", default=[], metavar="VAR", help="pass this variable to the nodes (repeatable)"
+    )
     up.add_argument("--wait-s", type=float, default=600.0, help="give up (and cancel) after this long")
     for action in ("status", "down"):
         _name_args(actions.add_parser(action))
@@ -150,19 +153,17 @@ def _state_dir(args: argparse.Namespace) -> Path:
 def cmd_cluster(args: argparse.Namespace) -> int:
     from matrix_provider.clusters import cluster
     from matrix_provider.clusters.errors import ClusterError
+    from matrix_provider.clusters.slurm import Allocation
 
     try:
         if args.action == "up":
+            wanted = {f.name: getattr(args, f.name) for f in dataclasses.fields(Allocation) if hasattr(args, f.name)}
             spec = cluster.ClusterSpec(
                 name=args.name,
                 scheduler="slurm" if args.slurm else "local",
                 nodes=args.nodes,
-                partition=args.partition,
-                cpus_per_node=args.cpus_per_node,
-                gpus_per_node=args.gpus_per_node,
-                mem=args.mem,
-                time=args.time,
-                account=args.account,
+                allocation=Allocation(**wanted),
+                export=tuple(args.export_env),
                 state_dir=args.state_dir,
                 ray=args.ray,
             )

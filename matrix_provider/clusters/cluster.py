@@ -20,7 +20,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,9 +31,18 @@ import httpx
 
 from matrix_provider.clusters.errors import ClusterError
 from matrix_provider.clusters.launch import NodeCommand
-from matrix_provider.clusters.slurm import LIVE_STATES, JobState, SbatchOptions, Slurm
+from matrix_provider.clusters.slurm import (
+    BASE_EXPORT,
+    FAILED_STATES,
+    LIVE_STATES,
+    Allocation,
+    JobState,
+    SbatchOptions,
+    Slurm,
+)
 
 STATE_ROOT_ENV = "MATRIX_CLUSTER_DIR"
+GONE = JobState("GONE", "no longer known to the scheduler")
 
 
 def state_root() -> Path:
@@ -43,21 +54,16 @@ class ClusterSpec:
     name: str = "matrix"
     scheduler: str = "slurm"  # or "local"
     nodes: int = 1
-    partition: str | None = None
-    cpus_per_node: int | None = None
-    gpus_per_node: int = 0
-    mem: str | None = None
-    time: str | None = None
-    account: str | None = None
-    comment: str | None = None
+    allocation: Allocation = field(default_factory=Allocation)
+    export: tuple[str, ...] = ()  # environment variables the nodes get besides PATH, HOME, LANG, TZ
     state_dir: str | None = None
     ray: str | None = None  # the `ray` every node runs; default: the one beside this Python
 
     def __post_init__(self) -> None:
         if self.scheduler not in ("slurm", "local"):
             raise ClusterError(f"scheduler must be 'slurm' or 'local', not {self.scheduler!r}")
-        if self.nodes < 1 or self.gpus_per_node < 0 or (self.cpus_per_node is not None and self.cpus_per_node < 1):
-            raise ClusterError("nodes and cpus per node must be >= 1, gpus per node >= 0")
+        if self.nodes < 1:
+            raise ClusterError(f"a cluster needs at least one node, not {self.nodes}")
         if not self.name or any(c in self.name for c in "/ \t\n"):
             raise ClusterError(f"cluster name {self.name!r} must be a non-empty word")
 
@@ -79,6 +85,7 @@ class ClusterInfo:
     dashboard_url: str | None = None
     metrics_export_port: int | None = None
     temp_dir: str | None = None
+    tag: str = ""  # this cluster's own mark (in its nodes' temp dirs and head.json)
 
     def save(self) -> None:
         path = Path(self.state_dir) / "cluster.json"
@@ -103,54 +110,72 @@ class Scheduler(Protocol):
 
 
 class LocalScheduler:
-    """The same scripts as SLURM's, each in its own process group on this machine."""
+    """The same scripts as SLURM's, each in its own process group on this machine.
+
+    A job id records each group leader as `pid@start-time`, so a pid reused after a reboot is never
+    taken for ours; every process of the cluster inherits its token path in its environment, which
+    is how `cancel` finds all of them, also those whose leader died first.
+    """
+
+    def __init__(self, token_file: str) -> None:
+        self.token_file = token_file
 
     def submit(self, script: str, options: SbatchOptions, log: Path) -> str:
         tasks: list[int | None] = [None]
         if options.array:  # "1-K", as the workers' array is written
             tasks = list(range(1, int(options.array.split("-")[1]) + 1))
-        pids = []
+        allowed = {k: os.environ[k] for k in (*BASE_EXPORT, *options.export) if k in os.environ}
+        leaders = []
         for task in tasks:
-            env = {**os.environ, **({"SLURM_ARRAY_TASK_ID": str(task)} if task else {})}
+            env = {**allowed, **({"SLURM_ARRAY_TASK_ID": str(task)} if task else {})}
             with open(str(log).replace("%j", "local").replace("%A", "local").replace("%a", str(task)), "ab") as out:
                 proc = subprocess.Popen(
                     ["bash", "-c", script], stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env
                 )
-            pids.append(str(proc.pid))
-        return "local:" + ",".join(pids)
+            leaders.append(f"{proc.pid}@{_started(proc.pid)}")
+        return "local:" + ",".join(leaders)
 
     def states(self, job_ids: list[str]) -> dict[str, JobState]:
-        return {job: JobState("RUNNING" if any(map(_alive, _pids(job))) else "COMPLETED", "None") for job in job_ids}
+        return {job: JobState("RUNNING" if _leaders(job) else "COMPLETED", "None") for job in job_ids}
 
     def cancel(self, job_ids: list[str]) -> None:
         """SIGTERM to each `ray start --block` (it stops its node in ~3 s; a SIGTERM to the whole group
-        leaves gcs_server and raylet hanging), then SIGKILL to whatever of the group is left."""
-        leaders = [pid for job in job_ids for pid in _pids(job) if _alive(pid)]
+        leaves gcs_server and raylet hanging), then SIGKILL to every process of the cluster left."""
+        leaders = [pid for job in job_ids for pid in _leaders(job)]
         for pid in leaders:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 20
-        while any(map(_alive, leaders)) and time.monotonic() < deadline:
+        while any(_started(pid) for pid in leaders) and time.monotonic() < deadline:
             time.sleep(0.2)
-        for pid in leaders:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL)
+        mark = f"RAY_AUTH_TOKEN_PATH={self.token_file}\0".encode()
+        for environ in Path("/proc").glob("[0-9]*/environ"):
+            with contextlib.suppress(OSError):
+                if mark in environ.read_bytes():
+                    os.kill(int(environ.parent.name), signal.SIGKILL)
 
 
-def _pids(job: str) -> list[int]:
-    return [int(p) for p in job.removeprefix("local:").split(",") if p]
-
-
-def _alive(pid: int) -> bool:
+def _started(pid: int) -> str | None:
+    """The process's start time (clock ticks since boot), None when it is gone or a zombie."""
     try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError):
-        return False
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] == "Z" else fields[19]
 
 
-def scheduler_for(kind: str, env: dict[str, str] | None = None) -> Scheduler:
-    return LocalScheduler() if kind == "local" else Slurm(env)
+def _leaders(job: str) -> list[int]:
+    """The job's group leaders that still run (same pid and the same start time as recorded)."""
+    out = []
+    for leader in job.removeprefix("local:").split(","):
+        pid, _, start = leader.partition("@")
+        if pid and _started(int(pid)) == start:
+            out.append(int(pid))
+    return out
+
+
+def scheduler_for(info: ClusterInfo, env: dict[str, str] | None = None) -> Scheduler:
+    return LocalScheduler(info.token_file) if info.scheduler == "local" else Slurm(env)
 
 
 def _default_ray() -> str:
@@ -158,15 +183,29 @@ def _default_ray() -> str:
     return str(beside) if beside.exists() else (shutil.which("ray") or "ray")
 
 
-def up(spec: ClusterSpec, wait_s: float = 600.0, env: dict[str, str] | None = None, log=print) -> ClusterInfo:
-    """Submit the head (and worker) jobs, wait until every node has joined; cancel all on failure."""
-    scheduler = scheduler_for(spec.scheduler, env)
+def up(
+    spec: ClusterSpec,
+    wait_s: float = 600.0,
+    env: dict[str, str] | None = None,
+    log: Callable[[str], Any] = print,
+    replace: bool = False,
+    stop: threading.Event | None = None,
+) -> ClusterInfo:
+    """Submit the head (and worker) jobs, wait until every node has joined; cancel all on failure.
+
+    `replace`: a cluster of this name that is still up is cancelled first (an Airflow retry of the
+    same run's setup), else refused. `stop`: set from another thread (a task being killed) to give
+    up at the next step, cancelling what was submitted.
+    """
     directory = spec.directory()
     if (directory / "cluster.json").exists():
         old = ClusterInfo.load(directory)
-        if any(s.state in LIVE_STATES for s in scheduler_for(old.scheduler, env).states(old.jobs).values()):
-            jobs = ", ".join(old.jobs)
-            raise ClusterError(f"cluster {spec.name!r} is already up (jobs {jobs}): `matrix cluster down` first")
+        if any(s.state in LIVE_STATES for s in scheduler_for(old, env).states(old.jobs).values()):
+            if not replace:
+                jobs = ", ".join(old.jobs)
+                raise ClusterError(f"cluster {spec.name!r} is already up (jobs {jobs}): `matrix cluster down` first")
+            log(f"cancelling the earlier cluster {spec.name!r} (jobs {', '.join(old.jobs)})")
+            down(directory, env=env)
     directory.mkdir(parents=True, exist_ok=True)
     for stale in ("head.json", "cluster.json"):
         (directory / stale).unlink(missing_ok=True)
@@ -174,30 +213,25 @@ def up(spec: ClusterSpec, wait_s: float = 600.0, env: dict[str, str] | None = No
     token_file.touch(mode=0o600)
     token_file.write_text(secrets.token_hex(32))
     ray = spec.ray or _default_ray()
+    beside = Path(ray).parent / "python"
     command = NodeCommand(
         ray=ray,
-        python=str(Path(ray).parent / "python") if Path(ray).parent.joinpath("python").exists() else "python3",
+        python=str(beside) if beside.exists() else "python3",
         state_dir=str(directory.resolve()),
         token_file=str(token_file.resolve()),
-        cpus=spec.cpus_per_node or os.cpu_count() or 1,
-        gpus=spec.gpus_per_node,
+        cpus=spec.allocation.cpus_per_node or os.cpu_count() or 1,
+        gpus=spec.allocation.gpus_per_node,
         tag=secrets.token_hex(3),
     )
-    info = ClusterInfo(spec.name, spec.scheduler, str(directory.resolve()), command.token_file, spec.nodes)
-    base = SbatchOptions(
-        name=f"matrix-{spec.name}-head",
-        partition=spec.partition,
-        cpus_per_node=spec.cpus_per_node,
-        gpus_per_node=spec.gpus_per_node,
-        mem=spec.mem,
-        time=spec.time,
-        account=spec.account,
-        comment=spec.comment,
-    )
+    info = ClusterInfo(spec.name, spec.scheduler, command.state_dir, command.token_file, spec.nodes, tag=command.tag)
+    scheduler = scheduler_for(info, env)
+    base = SbatchOptions(name=f"matrix-{spec.name}-head", allocation=spec.allocation, export=spec.export)
     try:
+        _check_stop(stop)
         info.jobs.append(scheduler.submit(command.head(), base, directory / "head-%j.log"))
         info.save()
         if spec.nodes > 1:
+            _check_stop(stop)
             workers = dataclasses.replace(
                 base,
                 name=f"matrix-{spec.name}-worker",
@@ -208,31 +242,48 @@ def up(spec: ClusterSpec, wait_s: float = 600.0, env: dict[str, str] | None = No
             info.jobs.append(scheduler.submit(command.worker(), workers, directory / "worker-%A-%a.log"))
             info.save()
         log(f"submitted {spec.scheduler} jobs {', '.join(info.jobs)}; waiting for {spec.nodes} node(s)")
-        _wait_ready(scheduler, info, directory, wait_s)
+        _wait_ready(scheduler, info, directory, wait_s, stop)
     except BaseException:
         scheduler.cancel(info.jobs)
+        if isinstance(scheduler, Slurm):
+            scheduler.cancel_named(job_names(spec.name))
         raise
     info.save()
     return info
 
 
-def _wait_ready(scheduler: Scheduler, info: ClusterInfo, directory: Path, wait_s: float) -> None:
+def job_names(name: str) -> list[str]:
+    return [f"matrix-{name}-head", f"matrix-{name}-worker"]
+
+
+def _check_stop(stop: threading.Event | None) -> None:
+    if stop is not None and stop.is_set():
+        raise ClusterError("stopped while bringing the cluster up; what was submitted is cancelled")
+
+
+def _wait_ready(
+    scheduler: Scheduler, info: ClusterInfo, directory: Path, wait_s: float, stop: threading.Event | None
+) -> None:
     deadline = time.monotonic() + wait_s
     alive = 0
     while True:
+        _check_stop(stop)
         states = scheduler.states(info.jobs)
-        head = states.get(info.jobs[0], JobState("GONE", "the scheduler no longer knows the job"))
+        head = states.get(info.jobs[0], GONE)
         if head.state not in LIVE_STATES:
             raise ClusterError(
                 f"head job {info.jobs[0]} ended before the cluster was up: {head.state} ({head.reason}); "
-                f"log: {_log_tail(directory)}"
+                f"log: {_log_tail(directory, 'head')}"
             )
-        if (directory / "head.json").exists() and info.dashboard_url is None:
-            head_addr = json.loads((directory / "head.json").read_text())
-            info.gcs_address = head_addr["gcs_address"]
-            info.dashboard_url = head_addr["dashboard_url"]
-            info.metrics_export_port = head_addr["metrics_export_port"]
-            info.temp_dir = f"/tmp/mx-{head_addr['job']}"  # as launch.NodeCommand.temp_dir names it
+        for job in info.jobs[1:]:
+            if states.get(job, GONE).state in FAILED_STATES:
+                worker = states[job]
+                raise ClusterError(
+                    f"worker job {job} failed before the cluster was up: {worker.state} ({worker.reason}); "
+                    f"log: {_log_tail(directory, 'worker')}"
+                )
+        if info.dashboard_url is None:
+            _read_head(info, directory)
         if info.dashboard_url:
             alive = alive_nodes(info)
             if alive >= info.nodes:
@@ -246,8 +297,24 @@ def _wait_ready(scheduler: Scheduler, info: ClusterInfo, directory: Path, wait_s
         time.sleep(1.0)
 
 
+def _read_head(info: ClusterInfo, directory: Path) -> None:
+    """The head's addresses, once this cluster's head (its tag) has written them."""
+    try:
+        head = json.loads((directory / "head.json").read_text())
+    except FileNotFoundError:
+        return
+    except ValueError as exc:
+        raise ClusterError(f"the head wrote an unreadable {directory / 'head.json'}: {exc}") from None
+    if not str(head.get("job", "")).startswith(f"{info.tag}-"):
+        return  # another cluster's head (an earlier one of this name): not ours
+    info.gcs_address = head["gcs_address"]
+    info.dashboard_url = head["dashboard_url"]
+    info.metrics_export_port = head["metrics_export_port"]
+    info.temp_dir = f"/tmp/mx-{head['job']}"  # as launch.NodeCommand.temp_dir names it
+
+
 def alive_nodes(info: ClusterInfo, timeout_s: float = 5.0) -> int:
-    """ALIVE nodes per the head's State API; 0 while the dashboard does not answer yet."""
+    """ALIVE nodes per the head's State API; 0 while the dashboard does not answer (well) yet."""
     try:
         resp = httpx.get(
             f"{info.dashboard_url}/api/v0/nodes",
@@ -255,34 +322,35 @@ def alive_nodes(info: ClusterInfo, timeout_s: float = 5.0) -> int:
             headers={"Authorization": f"Bearer {info.token()}"},
             timeout=timeout_s,
         )
-    except httpx.HTTPError:
+        return len(resp.json()["data"]["result"]["result"]) if resp.status_code == 200 else 0
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
         return 0
-    if resp.status_code != 200:
-        return 0
-    return len(resp.json().get("data", {}).get("result", {}).get("result", []))
 
 
-def _log_tail(directory: Path, chars: int = 1500) -> str:
-    """The newest head log's end: SLURM's or Ray's own words on why the head stopped."""
-    logs = sorted(directory.glob("head-*.log"), key=lambda p: p.stat().st_mtime)
+def _log_tail(directory: Path, kind: str, chars: int = 1500) -> str:
+    """The newest head or worker log's end: SLURM's or Ray's own words on why it stopped."""
+    logs = sorted(directory.glob(f"{kind}-*.log"), key=lambda p: p.stat().st_mtime)
     return logs[-1].read_text(errors="replace")[-chars:].strip() if logs else "(no log)"
 
 
 def status(state_dir: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
     info = ClusterInfo.load(state_dir)
-    states = scheduler_for(info.scheduler, env).states(info.jobs)
+    states = scheduler_for(info, env).states(info.jobs)
     return {
         **asdict(info),
-        "job_states": {job: asdict(states.get(job, JobState("GONE", ""))) for job in info.jobs},
+        "job_states": {job: asdict(states.get(job, GONE)) for job in info.jobs},
         "alive_nodes": alive_nodes(info) if info.dashboard_url else 0,
     }
 
 
 def down(state_dir: Path, wait_s: float = 120.0, env: dict[str, str] | None = None) -> list[str]:
-    """Cancel every job the cluster has and wait until the scheduler lists none of them live."""
+    """Cancel every job the cluster has (on SLURM also any of its name that was never recorded) and
+    wait until the scheduler lists none of them live."""
     info = ClusterInfo.load(state_dir)
-    scheduler = scheduler_for(info.scheduler, env)
+    scheduler = scheduler_for(info, env)
     scheduler.cancel(info.jobs)
+    if isinstance(scheduler, Slurm):
+        scheduler.cancel_named(job_names(info.name))
     deadline = time.monotonic() + wait_s
     while live := [j for j, s in scheduler.states(info.jobs).items() if s.state in LIVE_STATES]:
         if time.monotonic() > deadline:
@@ -293,16 +361,16 @@ def down(state_dir: Path, wait_s: float = 120.0, env: dict[str, str] | None = No
 
 
 def ended(cluster: dict[str, Any], env: dict[str, str] | None = None) -> str | None:
-    """None while any job of the cluster (a setup task's XCom) is live, else what became of them.
+    """None while the cluster's head job (from a setup task's XCom) is live, else what became of it.
 
     Lets a task that lost sight of Ray tell "the dashboard blinked" from "the allocation is gone".
+    The head alone decides: workers may still be pending or requeued when the head is gone.
     """
     try:
-        states = scheduler_for(cluster["scheduler"], env).states(list(cluster["jobs"]))
-    except ClusterError:
+        info = ClusterInfo(**cluster)
+        head = scheduler_for(info, env).states(info.jobs[:1]).get(info.jobs[0], GONE)
+    except (ClusterError, TypeError, IndexError):
         return None  # the scheduler cannot be asked: say nothing rather than guess
-    if any(s.state in LIVE_STATES for s in states.values()):
+    if head.state in LIVE_STATES:
         return None
-    gone = JobState("GONE", "no longer known to the scheduler")
-    jobs = "; ".join(f"job {job} {s.state} ({s.reason})" for job in cluster["jobs"] if (s := states.get(job, gone)))
-    return f"cluster {cluster.get('name')!r} has ended ({cluster['scheduler']}: {jobs})"
+    return f"cluster {info.name!r} has ended ({info.scheduler}: head job {info.jobs[0]} {head.state} ({head.reason}))"

@@ -13,33 +13,42 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass
 
-# Free ports are chosen on the node that binds them, by the node's own Python.
+# Free ports are chosen on the node that binds them, by the node's own Python. The node's address is
+# the one Ray itself would pick (not gethostbyname(hostname), which is 127.0.1.1 on stock Debian).
+# Any Ray token or address inherited from the submitter is dropped: the cluster's own token file rules.
 _PRELUDE = """\
-set -uo pipefail
+set -euo pipefail
+unset RAY_AUTH_TOKEN RAY_ADDRESS
 export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={token} RAY_USAGE_STATS_ENABLED=0
 free_port() {{ {python} -c 'import socket; s=socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])'; }}
-node_ip=$({python} -c 'import socket; print(socket.gethostbyname(socket.gethostname()))')
+node_ip=$({python} -c 'from ray._private.services import get_node_ip_address as ip; print(ip())')
 job="{tag}-${{SLURM_JOB_ID:-local$$}}${{SLURM_ARRAY_TASK_ID:+-$SLURM_ARRAY_TASK_ID}}"
 cpus="${{SLURM_CPUS_ON_NODE:-{cpus}}}"
 """
 
 _HEAD = """\
-gcs=$(free_port); dash=$(free_port); metrics=$(free_port); agent=$(free_port)
-printf '{{"gcs_address": "%s:%s", "dashboard_url": "http://%s:%s", "metrics_export_port": %s, \
-"node_ip": "%s", "job": "%s"}}\\n' "$node_ip" "$gcs" "$node_ip" "$dash" "$metrics" "$node_ip" "$job" \
+gcs=$(free_port); dash=$(free_port); metrics=$(free_port); agent=$(free_port); client=$(free_port)
+printf '{{"gcs_address": "%s:%s", "dashboard_url": "http://%s:%s", "metrics_export_port": %s, \\
+"node_ip": "%s", "job": "%s"}}\\n' "$node_ip" "$gcs" "$node_ip" "$dash" "$metrics" "$node_ip" "$job" \\
 > {state}/head.json.tmp && mv {state}/head.json.tmp {state}/head.json
-exec {ray} start --head --block --node-ip-address="$node_ip" --port="$gcs" \
-  --dashboard-host="$node_ip" --dashboard-port="$dash" --metrics-export-port="$metrics" \
-  --dashboard-agent-listen-port="$agent" --num-cpus="$cpus" --num-gpus={gpus} \
-  --temp-dir="/tmp/mx-$job" --disable-usage-stats
+exec {ray} start --head --block --node-ip-address="$node_ip" --port="$gcs" \\
+  --dashboard-host="$node_ip" --dashboard-port="$dash" --metrics-export-port="$metrics" \\
+  --dashboard-agent-listen-port="$agent" --ray-client-server-port="$client" --num-cpus="$cpus" \\
+  --num-gpus={gpus} --temp-dir="/tmp/mx-$job" --disable-usage-stats
 """
 
+# A worker joins only this cluster's head: a head.json left by another cluster of the same name (or
+# one being replaced) carries another tag.
 _WORKER = """\
-for _ in $(seq 600); do [[ -s {state}/head.json ]] && break; sleep 1; done
-gcs=$({python} -c 'import json, sys; print(json.load(open(sys.argv[1]))["gcs_address"])' {state}/head.json) || exit 1
+head_of_this_cluster() {{
+  {python} -c 'import json, sys; h = json.load(open(sys.argv[1])); assert h["job"].startswith(sys.argv[2])
+print(h["gcs_address"])' {state}/head.json "{tag}-" 2>/dev/null
+}}
+for _ in $(seq 600); do gcs=$(head_of_this_cluster) && break; sleep 1; done
+[[ -n "${{gcs:-}}" ]] || {{ echo "no head of cluster {tag} in {state}/head.json after 600 s" >&2; exit 1; }}
 metrics=$(free_port); agent=$(free_port)
-exec {ray} start --block --address="$gcs" --node-ip-address="$node_ip" --metrics-export-port="$metrics" \
-  --dashboard-agent-listen-port="$agent" --num-cpus="$cpus" --num-gpus={gpus} \
+exec {ray} start --block --address="$gcs" --node-ip-address="$node_ip" --metrics-export-port="$metrics" \\
+  --dashboard-agent-listen-port="$agent" --num-cpus="$cpus" --num-gpus={gpus} \\
   --temp-dir="/tmp/mx-$job" --disable-usage-stats
 """
 

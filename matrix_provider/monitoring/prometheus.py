@@ -12,6 +12,8 @@ import os
 import shutil
 from pathlib import Path
 
+import yaml
+
 from matrix_provider.clusters.cluster import ClusterInfo
 from matrix_provider.clusters.errors import ClusterError
 
@@ -28,19 +30,15 @@ def discovery_file(info: ClusterInfo) -> Path:
 def write_config(state_dir: Path) -> Path:
     """prometheus.yml in the state directory: Ray's targets, labelled with the cluster's name."""
     info = ClusterInfo.load(state_dir)
+    interval = f"{SCRAPE_INTERVAL_S}s"
+    job = {
+        "job_name": "ray",
+        "file_sd_configs": [{"files": [str(discovery_file(info))]}],
+        "relabel_configs": [{"target_label": "cluster", "replacement": info.name}],
+    }
     config = state_dir / "prometheus.yml"
-    config.write_text(
-        "global:\n"
-        f"  scrape_interval: {SCRAPE_INTERVAL_S}s\n"
-        f"  evaluation_interval: {SCRAPE_INTERVAL_S}s\n"
-        "scrape_configs:\n"
-        "  - job_name: ray\n"
-        "    file_sd_configs:\n"
-        f"      - files: ['{discovery_file(info)}']\n"
-        "    relabel_configs:\n"
-        "      - target_label: cluster\n"
-        f"        replacement: {info.name}\n"
-    )
+    timing = {"scrape_interval": interval, "evaluation_interval": interval}
+    config.write_text(yaml.safe_dump({"global": timing, "scrape_configs": [job]}))
     return config
 
 
@@ -51,10 +49,13 @@ def run_prometheus(state_dir: Path, port: int, binary: str, config_only: bool) -
     print(f"wrote {config}", flush=True)
     if config_only:
         return 0
+    info = ClusterInfo.load(state_dir)
+    # The TSDB stays on this host (Prometheus does not support NFS, where a state dir often is), one
+    # per cluster (never mixed with an earlier cluster of the same name).
     args = [
         binary,
         f"--config.file={config}",
-        f"--storage.tsdb.path={state_dir / 'prometheus-data'}",
+        f"--storage.tsdb.path={info.temp_dir}-prometheus",
         f"--web.listen-address=127.0.0.1:{port}",
     ]
     found = shutil.which(binary)

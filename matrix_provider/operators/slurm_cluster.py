@@ -15,8 +15,10 @@ job the cluster has, whatever state the tasks before it ended in.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from airflow.sdk import BaseOperator
 
 from matrix_provider.clusters import cluster as clusters
 from matrix_provider.clusters.errors import ClusterError
+from matrix_provider.clusters.slurm import Allocation, Slurm
 from matrix_provider.operators.outcome import AirflowException
 
 
@@ -44,6 +47,8 @@ class MatrixSlurmClusterOperator(BaseOperator):
     :param state_root: where cluster state directories go (on a filesystem the nodes share).
     :param ray_command: the `ray` the nodes run (default: beside the worker's Python, else on PATH).
     :param wait_s: how long to wait for every node; then the jobs are cancelled and the task fails.
+    :param export_env: environment variables of the worker the nodes get (e.g. ``["AWS_PROFILE"]``);
+        only PATH, HOME, LANG and TZ otherwise: never the Airflow worker's whole environment.
 
     SLURM's CLI runs with the worker's environment (PATH, ``SLURM_CONF``).
     """
@@ -65,6 +70,7 @@ class MatrixSlurmClusterOperator(BaseOperator):
         state_root: str | None = None,
         ray_command: str | None = None,
         wait_s: float = 1800.0,
+        export_env: Sequence[str] = (),
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -79,37 +85,44 @@ class MatrixSlurmClusterOperator(BaseOperator):
         self.state_root = state_root
         self.ray_command = ray_command
         self.wait_s = wait_s
+        self.export_env = tuple(export_env)
+        self._name: str | None = None
         self._state_dir: Path | None = None
+        self._stop = threading.Event()
 
     def execute(self, context: Any) -> dict[str, Any]:
-        name = _run_cluster_name(context, self.name_prefix)
+        name = self._name = _run_cluster_name(context, self.name_prefix)
         root = Path(self.state_root) if self.state_root else clusters.state_root()
         self._state_dir = root / name
         ti = context["ti"]
         try:
+            wanted = {f.name: getattr(self, f.name) for f in dataclasses.fields(Allocation) if f.name != "comment"}
             spec = clusters.ClusterSpec(
                 name=name,
                 nodes=self.nodes,
-                partition=self.partition,
-                cpus_per_node=self.cpus_per_node,
-                gpus_per_node=self.gpus_per_node,
-                mem=self.mem,
-                time=self.time,
-                account=self.account,
-                comment=f"airflow:{ti.dag_id}/{ti.run_id}/{ti.task_id}",
+                allocation=Allocation(**wanted, comment=f"airflow:{ti.dag_id}/{ti.run_id}/{ti.task_id}"),
+                export=self.export_env,
                 state_dir=str(self._state_dir),
                 ray=self.ray_command,
             )
-            info = clusters.up(spec, self.wait_s, log=self.log.info)
+            # A retry of this setup replaces what an earlier try of the same run left up.
+            info = clusters.up(spec, self.wait_s, log=self.log.info, replace=True, stop=self._stop)
         except ClusterError as exc:
             raise AirflowException(str(exc)) from None
         self.log.info("Ray cluster %s up: dashboard %s, jobs %s", name, info.dashboard_url, ", ".join(info.jobs))
         return dataclasses.asdict(info)
 
     def on_kill(self) -> None:
-        """A killed setup (task marked failed, timeout) cancels whatever it had submitted."""
-        if self._state_dir and (self._state_dir / "cluster.json").exists():
-            clusters.down(self._state_dir)
+        """A killed setup (task or run marked failed, timeout) cancels whatever it had submitted, also
+        a job sbatch had accepted but `up` had not yet recorded (by name); `up` stops submitting."""
+        self._stop.set()
+        if not self._name:
+            return
+        with contextlib.suppress(ClusterError):
+            if self._state_dir and (self._state_dir / "cluster.json").exists():
+                clusters.down(self._state_dir, wait_s=10)
+            else:
+                Slurm().cancel_named(clusters.job_names(self._name))
 
 
 class MatrixSlurmClusterTeardownOperator(BaseOperator):
@@ -133,5 +146,5 @@ class MatrixSlurmClusterTeardownOperator(BaseOperator):
             jobs = clusters.down(Path(self.cluster["state_dir"]))
         except ClusterError as exc:
             raise AirflowException(str(exc)) from None
-        self.log.info("cancelled SLURM jobs %s of cluster %s", ", ".join(jobs), self.cluster.get("name"))
+        self.log.info("cancelled the jobs %s of cluster %s", ", ".join(jobs), self.cluster.get("name"))
         return jobs
