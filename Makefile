@@ -28,7 +28,7 @@ test: install lint
 	bash tests/system_deps.sh
 	$(PY) -m pytest -q --durations=15
 
-# State-scale at a million rows (make test runs it at 500,000): ~5 min on 2 cores.
+# State-scale at a million rows (make test runs it at 400,000): ~5 min on 2 cores.
 scale: install
 	MATRIX_SCALE_ROWS=100000,1000000 $(PY) -m pytest -q -s tests/test_state_scale.py
 

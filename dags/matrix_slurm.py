@@ -47,7 +47,7 @@ with DAG(
     )
     curate = MatrixPipelineOperator(
         task_id="curate",
-        pipeline="natural_reasoning",
+        pipeline=os.environ.get("MATRIX_SLURM_PIPELINE", "natural_reasoning"),
         input_uri="{{ params.input }}",
         output_uri="{{ params.output }}/{{ run_id | replace(':', '_') }}",
         cluster=up.output,

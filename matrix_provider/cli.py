@@ -47,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     monitor.add_argument("--port", type=int, default=9090, help="Prometheus' port on 127.0.0.1")
     monitor.add_argument("--prometheus", default="prometheus", help="the Prometheus binary")
     monitor.add_argument("--config-only", action="store_true", help="write prometheus.yml and exit")
+    monitor.add_argument("--scrape-interval", type=float, default=5.0, metavar="S", help="seconds between scrapes")
     return parser
 
 
@@ -184,7 +185,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     from matrix_provider.monitoring.prometheus import run_prometheus
 
     try:
-        return run_prometheus(_state_dir(args), args.port, args.prometheus, args.config_only)
+        return run_prometheus(_state_dir(args), args.port, args.prometheus, args.config_only, args.scrape_interval)
     except ClusterError as exc:
         return _fail(str(exc))
 

@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import psutil
 import pyarrow.parquet as pq
@@ -317,3 +318,25 @@ def airflow_env(ray_cluster: RayCluster, tmp_path_factory: pytest.TempPathFactor
     airflow = AirflowEnv(home, env)
     airflow.prepare()
     return airflow
+
+
+def task_context(dag_id: str, task_id: str, run_id: str, map_index: int = -1, try_number: int = 1, max_tries: int = 0):
+    """A task instance's context as operators read it (ti, outlet_events), for running them in-process."""
+    pushed: dict[str, object] = {}
+    ti = SimpleNamespace(
+        dag_id=dag_id,
+        task_id=task_id,
+        run_id=run_id,
+        map_index=map_index,
+        try_number=try_number,
+        max_tries=max_tries,
+        xcom_push=lambda key, value: pushed.__setitem__(key, value),
+        pushed=pushed,
+    )
+    return {"ti": ti, "outlet_events": OutletEvents()}
+
+
+class OutletEvents(dict):
+    def __missing__(self, key):
+        self[key] = SimpleNamespace(extra=None, added=[], add=lambda asset, extra=None: None)
+        return self[key]

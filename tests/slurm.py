@@ -120,7 +120,7 @@ def running_slurm(cpus: int = 2, memory_mb: int = 8000) -> Iterator[SlurmCluster
             proc.terminate()
         for proc in procs:
             try:
-                proc.wait(timeout=15)
+                proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 proc.kill()
         shutil.rmtree(root, ignore_errors=True)

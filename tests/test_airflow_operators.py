@@ -12,7 +12,6 @@ import json
 import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from airflow.sdk.exceptions import AirflowException, TaskDeferred
@@ -22,7 +21,7 @@ from matrix_provider.operators import MatrixPipelineOperator, MatrixStopJobOpera
 from matrix_provider.protocol import PROGRESS_PREFIX, new_progress
 from matrix_provider.sensors import MatrixRayJobSensor
 from matrix_provider.triggers.ray_job import MatrixRayJobTrigger
-from tests.conftest import read_manifest
+from tests.conftest import read_manifest, task_context
 from tests.corpus import write_jsonl
 from tests.fault_proxy import FaultProxy
 
@@ -45,27 +44,6 @@ def proxied(conn, monkeypatch):
         port = int(proxy.endpoint.rsplit(":", 1)[1])
         monkeypatch.setenv("AIRFLOW_CONN_PROXIED", json.dumps({**conn, "port": port, "extra": {"retry_s": 3}}))
         yield proxy
-
-
-def _ti(dag_id: str, task_id: str, run_id: str, map_index: int = -1, try_number: int = 1, max_tries: int = 0):
-    pushed: dict[str, object] = {}
-    ti = SimpleNamespace(
-        dag_id=dag_id,
-        task_id=task_id,
-        run_id=run_id,
-        map_index=map_index,
-        try_number=try_number,
-        max_tries=max_tries,
-        xcom_push=lambda key, value: pushed.__setitem__(key, value),
-        pushed=pushed,
-    )
-    return {"ti": ti, "outlet_events": _OutletEvents()}
-
-
-class _OutletEvents(dict):
-    def __missing__(self, key):
-        self[key] = SimpleNamespace(extra=None, added=[], add=lambda asset, extra=None: None)
-        return self[key]
 
 
 def _op(task_id: str, src: Path, out: Path, **kw) -> MatrixPipelineOperator:
@@ -123,16 +101,16 @@ def test_cleared_task_with_changed_work_runs_a_new_job_and_a_retry_reattaches(co
     a SUCCEEDED job failed its task when Ray could not serve its log; `check()` listed every job."""
     src = write_jsonl(tmp_path / "in" / "d.jsonl", 12)
     proxied.rule(method="GET", path_regex=r"^/api/v0/logs", fail_first=10**6)
-    first = _op("t", src, tmp_path / "out", ray_conn_id="proxied").execute(_ti("rerun_dag", "t", "manual__1"))
+    first = _op("t", src, tmp_path / "out", ray_conn_id="proxied").execute(task_context("rerun_dag", "t", "manual__1"))
     assert proxied.failed > 0, "the log endpoint was asked and failed"
     assert first["rows_in"] == 12 and first["run_id"] == read_manifest(str(tmp_path / "out"))["run_id"]
     assert not [path for method, path, _ in proxied.log if method == "GET" and path == "/api/jobs/"], "no listing"
     # A plain retry of the same work re-attaches: same job, nothing resubmitted.
-    again = _op("t", src, tmp_path / "out").execute(_ti("rerun_dag", "t", "manual__1", try_number=2))
+    again = _op("t", src, tmp_path / "out").execute(task_context("rerun_dag", "t", "manual__1", try_number=2))
     assert again["ray_submission_id"] == first["ray_submission_id"]
     # Changed overrides (an operational knob, so the output resumes): a new Ray job.
     changed = _op("t", src, tmp_path / "out", overrides={**SIM, "llm.timeout_s": 61}, entrypoint_num_cpus=0.5)
-    ctx = _ti("rerun_dag", "t", "manual__1")
+    ctx = task_context("rerun_dag", "t", "manual__1")
     second = changed.execute(ctx)
     assert second["ray_submission_id"] != first["ray_submission_id"]
     assert second["rows_resumed"] == 12, "the new job resumes the committed output"
@@ -141,21 +119,21 @@ def test_cleared_task_with_changed_work_runs_a_new_job_and_a_retry_reattaches(co
     # Map-index drift: index 0 now means another shard, so another job.
     other = write_jsonl(tmp_path / "in2" / "d.jsonl", 5, start=500)
     ids = {
-        _op("t", s, tmp_path / o).submission_id_of(_ti("rerun_dag", "t", "manual__1", map_index=0))
+        _op("t", s, tmp_path / o).submission_id_of(task_context("rerun_dag", "t", "manual__1", map_index=0))
         for s, o in ((src, "o0"), (other, "o0"))
     }
     assert len(ids) == 2
     # New work while older work still runs: the older job is stopped, not left racing for the output.
     hook = MatrixRayHook()
-    older, _ = _op("t", other, tmp_path / "race").submit_or_attach(hook, _ti("race_dag", "t", "r"))
+    older, _ = _op("t", other, tmp_path / "race").submit_or_attach(hook, task_context("race_dag", "t", "r"))
     newer, _ = _op("t", other, tmp_path / "race", overrides={**SIM, "llm.timeout_s": 62}).submit_or_attach(
-        hook, _ti("race_dag", "t", "r", try_number=2)
+        hook, task_context("race_dag", "t", "r", try_number=2)
     )
     assert newer != older and _wait_status(hook, older, {"STOPPED", "SUCCEEDED", "FAILED"}) == "STOPPED"
     hook.stop(newer)
     # force_rerun: every try is a new job.
     forced = {
-        _op("t", src, tmp_path / "out", force_rerun=True).submission_id_of(_ti("d", "t", "r", try_number=n))
+        _op("t", src, tmp_path / "out", force_rerun=True).submission_id_of(task_context("d", "t", "r", try_number=n))
         for n in (1, 2)
     }
     assert len(forced) == 2
@@ -283,7 +261,7 @@ def test_fire_and_forget_then_sensor_then_stop(conn, tmp_path: Path) -> None:
     """Users of such providers ask for submit-and-return, a sensor (deferrable too) and a stop operator."""
     src = write_jsonl(tmp_path / "in" / "d.jsonl", 10)
     submitted = _op("ff", src, tmp_path / "out", wait_for_completion=False).execute(
-        _ti("ff_dag", "ff", f"manual__{time.time()}")
+        task_context("ff_dag", "ff", f"manual__{time.time()}")
     )
     sid = submitted["ray_submission_id"]
     sensor = MatrixRayJobSensor(

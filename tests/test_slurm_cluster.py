@@ -10,6 +10,7 @@ with SLURM's reason and cancels what was submitted.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -21,20 +22,30 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+from airflow.sdk.exceptions import AirflowException, TaskDeferred
 
-from tests.conftest import CORPUS, REPO, VENV_BIN, free_port, read_manifest, run_matrix
+from matrix_provider.hooks.ray_jobs import MatrixRayHook
+from matrix_provider.operators import (
+    MatrixPipelineOperator,
+    MatrixSlurmClusterOperator,
+    MatrixSlurmClusterTeardownOperator,
+)
+from tests.conftest import CORPUS, REPO, VENV_BIN, free_port, read_manifest, run_matrix, task_context
 from tests.slurm import SlurmCluster, running_slurm
 
 DASHBOARDS = REPO / "matrix_provider" / "monitoring" / "dashboards"
-# Slow enough that the run spans several scrapes; retries, failed steps and redeliveries happen too,
-# so the dashboards' panels for them have data.
+# Slow enough that the run spans several scrapes; retries, failed steps and redeliveries happen too
+# (a fifth of the calls hang past the row's deadline), so the dashboards' panels for them have data.
 SCRAPED_SIM = [
     "llm=sim",
     "llm.decode_s_per_token=0.02",
     "llm.output_tokens_mean=30",
-    "llm.error_rate=0.3",
+    "llm.error_rate=0.2",
+    "llm.timeout_rate=0.2",
+    "llm.timeout_s=10",
     "llm.retries=0",
-    "orchestrator.row_deadline_s=1.5",
+    "orchestrator.row_deadline_s=3",
+    "orchestrator.max_deliveries=2",
     "orchestrator.audit_interval_s=0.5",
     "io.part_rows=40",
 ]
@@ -52,8 +63,8 @@ def env(slurm: SlurmCluster, tmp_path: Path) -> dict[str, str]:
     return {**clean, "PATH": f"{VENV_BIN}:{clean['PATH']}", "MATRIX_CLUSTER_DIR": str(tmp_path / "clusters")}
 
 
-def _squeue(env: dict[str, str]) -> list[str]:
-    out = subprocess.run(["squeue", "-h", "-o", "%i %T"], env=env, capture_output=True, text=True, check=True)
+def _squeue(env: dict[str, str], fields: str = "%i %T") -> list[str]:
+    out = subprocess.run(["squeue", "-h", "-o", fields], env=env, capture_output=True, text=True, check=True)
     return out.stdout.split("\n")[:-1]
 
 
@@ -113,8 +124,10 @@ def test_metric_names_of_a_query() -> None:
 
 @pytest.mark.timeout(600)
 def test_cluster_on_slurm_runs_a_pipeline_that_prometheus_scrapes(env, tmp_path: Path) -> None:
-    # An Airflow worker's secret in the submitter's environment must not reach the nodes.
-    up = _up({**env, "AIRFLOW__CORE__FERNET_KEY": "sekrit"}, "--name", "scraped", "--cpus-per-node", "2")
+    # An Airflow worker's secret in the submitter's environment must not reach the nodes; what
+    # --export-env names does: Ray's metrics every second (10 s by default) give a short run a rate.
+    submitter = {**env, "AIRFLOW__CORE__FERNET_KEY": "sekrit", "RAY_metrics_report_interval_ms": "1000"}
+    up = _up(submitter, "--name", "scraped", "--cpus-per-node", "2", "--export-env", "RAY_metrics_report_interval_ms")
     assert up.returncode == 0, up.stderr[-3000:]
     info = json.loads(up.stdout[: up.stdout.rindex("}") + 1])
     assert len(info["jobs"]) == 1 and _squeue(env) == [f"{info['jobs'][0]} RUNNING"]
@@ -126,7 +139,7 @@ def test_cluster_on_slurm_runs_a_pipeline_that_prometheus_scrapes(env, tmp_path:
 
     port = free_port()
     monitor = subprocess.Popen(
-        [str(VENV_BIN / "matrix"), "monitor", "--name", "scraped", "--port", str(port)],
+        [str(VENV_BIN / "matrix"), "monitor", "--name", "scraped", "--port", str(port), "--scrape-interval", "1"],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -149,20 +162,26 @@ def test_cluster_on_slurm_runs_a_pipeline_that_prometheus_scrapes(env, tmp_path:
             data = httpx.get(f"{prometheus}/query", params={"query": promql}, timeout=10).json()["data"]["result"]
             return {json.dumps(r["metric"], sort_keys=True): float(r["value"][1]) for r in data}
 
-        # Ray's agents export every few seconds and Prometheus scrapes every 5 s: wait for the last rows.
-        tokens_by_role = "sum by (role) (max_over_time(rate(ray_matrix_role_tokens_total[30s])[5m:5s]))"
+        # Ray's agents export every second (see above) and Prometheus scrapes every second.
+        tokens_by_role = "sum by (role) (max_over_time(rate(ray_matrix_role_tokens_total[10s])[5m:1s]))"
         deadline = time.monotonic() + 30
-        while not (tokens := query(tokens_by_role)) and time.monotonic() < deadline:
+        while len(tokens := query(tokens_by_role)) < 3 and time.monotonic() < deadline:
             time.sleep(1)
-        assert tokens and all(v > 0 for v in tokens.values()), query("ray_matrix_role_tokens_total[5m]")
+        totals = query("sum by (role) (max_over_time(ray_matrix_role_tokens_total[5m]))")
+        assert tokens.keys() == totals.keys() and min(tokens.values()) > 0, (tokens, totals)
         queues = query("sum by (role) (max_over_time(ray_matrix_role_queue_length[5m]))")
         assert {json.loads(k)["role"] for k in queues} >= {json.loads(k)["role"] for k in tokens}, queues
 
-        scraped = set(httpx.get(f"{prometheus}/label/__name__/values", timeout=10).json()["data"])
         labels = {"pipeline", "role", "status", "kind", "partition", "instance", "le", "State"}
-        for expr in _dashboard_queries():
-            missing = _metric_names(expr) - scraped - labels
-            assert not missing, f"dashboard query {expr!r} names {missing}, which the scrape never returned"
+
+        def unscraped() -> dict[str, set[str]]:
+            scraped = set(httpx.get(f"{prometheus}/label/__name__/values", timeout=10).json()["data"])
+            return {e: m for e in _dashboard_queries() if (m := _metric_names(e) - scraped - labels)}
+
+        deadline = time.monotonic() + 30  # Ray's node metrics come from each node's agent, in its own rhythm
+        while (missing := unscraped()) and time.monotonic() < deadline:
+            time.sleep(2)
+        assert not missing, f"dashboard queries name metrics the scrape never returned: {missing}"
     finally:
         monitor.terminate()
         monitor.wait(timeout=30)
@@ -193,6 +212,9 @@ def test_a_requeued_worker_node_rejoins(env) -> None:
         seen, deadline = [], time.monotonic() + 240
         while time.monotonic() < deadline and not (1 in seen and seen[-1] == 2):
             seen.append(_status(env, "two")["alive_nodes"])
+            # SLURM holds a requeued job back ~2 min (reason BeginTime); lift that so the test need not wait.
+            if f"{workers}_1 PENDING BeginTime" in _squeue(env, "%i %T %r"):
+                subprocess.run(["scontrol", "update", f"JobId={workers}_1", "StartTime=now"], env=env, check=True)
             time.sleep(1)
         assert 1 in seen and seen[-1] == 2, f"alive nodes over time: {seen}"
         assert _status(env, "two")["job_states"][head]["state"] == "RUNNING"
@@ -243,10 +265,8 @@ def _airflow_env(airflow_env, env: dict[str, str], tmp_path: Path, **extra: str)
 
 @pytest.mark.timeout(600)
 def test_dag_brings_a_cluster_up_runs_on_it_and_tears_it_down(airflow_env, env, tmp_path: Path) -> None:
-    overrides = {"llm": "sim", "llm.decode_s_per_token": 0.002}
-    run_env = _airflow_env(
-        airflow_env, env, tmp_path, MATRIX_SLURM_OVERRIDES=json.dumps(overrides), MATRIX_SLURM_DEFERRABLE="0"
-    )
+    # The CPU-only pipeline: the Airflow side is under test here, not the LLM roles.
+    run_env = _airflow_env(airflow_env, env, tmp_path, MATRIX_SLURM_PIPELINE="prefilter", MATRIX_SLURM_DEFERRABLE="0")
     done = subprocess.run(
         [str(VENV_BIN / "airflow"), "dags", "test", "matrix_slurm_curation"],
         env=run_env,
@@ -268,50 +288,45 @@ def test_dag_brings_a_cluster_up_runs_on_it_and_tears_it_down(airflow_env, env, 
 
 @pytest.mark.timeout(600)
 def test_a_cluster_cancelled_under_a_running_pipeline_fails_the_task_and_leaves_nothing(
-    airflow_env, env, tmp_path: Path
+    env, tmp_path: Path, monkeypatch
 ) -> None:
-    slow = {"llm": "sim", "llm.decode_s_per_token": 0.05, "llm.output_tokens_mean": 40}
-    run_env = _airflow_env(airflow_env, env, tmp_path, MATRIX_SLURM_OVERRIDES=json.dumps(slow))
-    proc = subprocess.Popen(
-        [str(VENV_BIN / "airflow"), "dags", "test", "matrix_slurm_curation"],
-        env=run_env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        cwd=airflow_env.home,
+    # The operators as a worker and the triggerer run them (in this process): setup, then the
+    # pipeline deferred to its trigger; SLURM cancels the head under the running job.
+    for key in ("SLURM_CONF", "MATRIX_CLUSTER_DIR", "PATH"):
+        monkeypatch.setenv(key, env[key])
+    ctx = task_context("slurm_dag", "curate", "manual__cancel")
+    info = MatrixSlurmClusterOperator(task_id="cluster_up", cpus_per_node=2, wait_s=180).execute(ctx)
+    run = MatrixPipelineOperator(
+        task_id="curate",
+        pipeline="natural_reasoning",
+        input_uri=str(CORPUS),
+        output_uri=str(tmp_path / "out"),
+        cluster=info,
+        overrides={"llm": "sim", "llm.decode_s_per_token": 0.05, "llm.output_tokens_mean": 40},
+        deferrable=True,
+        poll_interval=1,
     )
-    try:
-        info = _wait_for_running_job(env, proc)
-        subprocess.run(["scancel", info["jobs"][0]], env=env, check=True)
-        log, _ = proc.communicate(timeout=300)
-    finally:
-        proc.kill()
-    assert proc.returncode != 0, log[-3000:]
-    assert f"has ended (slurm: job {info['jobs'][0]} CANCELLED" in log, log[-4000:]
-    assert "cancelled the jobs" in log  # the teardown ran after the failure
-    _assert_nothing_left(env, info)
-
-
-def _wait_for_running_job(env: dict[str, str], proc: subprocess.Popen) -> dict:
-    """The cluster's state once the pipeline's Ray job is RUNNING on it."""
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
-        states = list(Path(env["MATRIX_CLUSTER_DIR"]).glob("*/cluster.json"))
-        info = json.loads(states[0].read_text()) if states else {}
-        if info.get("dashboard_url"):
-            token = Path(info["token_file"]).read_text().strip()
-            try:
-                jobs = httpx.get(
-                    f"{info['dashboard_url']}/api/jobs/", headers={"Authorization": f"Bearer {token}"}, timeout=5
-                ).json()
-            except httpx.HTTPError:
-                jobs = []
-            if any(j["status"] == "RUNNING" for j in jobs):
-                time.sleep(3)  # under way, not just started
-                return info
+    with pytest.raises(TaskDeferred) as deferred:
+        run.execute(ctx)
+    trigger = deferred.value.trigger
+    hook = MatrixRayHook(cluster=info, retry_s=1)
+    deadline = time.monotonic() + 240
+    while (hook.get_job(trigger.submission_id) or {}).get("status") != "RUNNING":
+        assert time.monotonic() < deadline, "the pipeline's Ray job never ran"
         time.sleep(1)
-    raise AssertionError("the pipeline's Ray job never ran")
+    time.sleep(3)  # under way, not just started
+    subprocess.run(["scancel", info["jobs"][0]], env=env, check=True)
+
+    event = asyncio.run(asyncio.wait_for(anext(trigger.run()), 120)).payload
+    gone = f"has ended (slurm: head job {info['jobs'][0]} CANCELLED"
+    assert event["status"] == "ERROR" and gone in event["message"], event
+    with pytest.raises(AirflowException, match=re.escape(gone)):
+        run.execute_complete(ctx, event)
+    # A worker polling instead of deferring learns it the same way.
+    with pytest.raises(AirflowException, match=re.escape(gone)):
+        run._poll(hook, trigger.submission_id, ctx, None)
+    assert MatrixSlurmClusterTeardownOperator(task_id="down", cluster=info).execute(ctx) == info["jobs"]
+    _assert_nothing_left(env, info)
 
 
 def test_local_cluster_has_the_same_commands(tmp_path: Path) -> None:

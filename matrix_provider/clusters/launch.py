@@ -28,9 +28,14 @@ cpus="${{SLURM_CPUS_ON_NODE:-{cpus}}}"
 
 _HEAD = """\
 gcs=$(free_port); dash=$(free_port); metrics=$(free_port); agent=$(free_port); client=$(free_port)
-printf '{{"gcs_address": "%s:%s", "dashboard_url": "http://%s:%s", "metrics_export_port": %s, \\
-"node_ip": "%s", "job": "%s"}}\\n' "$node_ip" "$gcs" "$node_ip" "$dash" "$metrics" "$node_ip" "$job" \\
-> {state}/head.json.tmp && mv {state}/head.json.tmp {state}/head.json
+{python} - "$node_ip" "$gcs" "$dash" "$metrics" "$job" {state}/head.json <<'PY'
+import json, os, sys
+ip, gcs, dash, metrics, job, path = sys.argv[1:]
+head = {{"gcs_address": f"{{ip}}:{{gcs}}", "dashboard_url": f"http://{{ip}}:{{dash}}", "node_ip": ip, "job": job}}
+with open(path + ".tmp", "w") as out:
+    json.dump({{**head, "metrics_export_port": int(metrics)}}, out)
+os.replace(path + ".tmp", path)
+PY
 exec {ray} start --head --block --node-ip-address="$node_ip" --port="$gcs" \\
   --dashboard-host="$node_ip" --dashboard-port="$dash" --metrics-export-port="$metrics" \\
   --dashboard-agent-listen-port="$agent" --ray-client-server-port="$client" --num-cpus="$cpus" \\

@@ -18,7 +18,6 @@ from matrix_provider.clusters.cluster import ClusterInfo
 from matrix_provider.clusters.errors import ClusterError
 
 SD_FILE = "prom_metrics_service_discovery.json"
-SCRAPE_INTERVAL_S = 5
 
 
 def discovery_file(info: ClusterInfo) -> Path:
@@ -27,10 +26,10 @@ def discovery_file(info: ClusterInfo) -> Path:
     return Path(info.temp_dir) / "session_latest" / SD_FILE
 
 
-def write_config(state_dir: Path) -> Path:
+def write_config(state_dir: Path, scrape_interval_s: float) -> Path:
     """prometheus.yml in the state directory: Ray's targets, labelled with the cluster's name."""
     info = ClusterInfo.load(state_dir)
-    interval = f"{SCRAPE_INTERVAL_S}s"
+    interval = f"{scrape_interval_s:g}s"
     job = {
         "job_name": "ray",
         "file_sd_configs": [{"files": [str(discovery_file(info))]}],
@@ -42,10 +41,10 @@ def write_config(state_dir: Path) -> Path:
     return config
 
 
-def run_prometheus(state_dir: Path, port: int, binary: str, config_only: bool) -> int:
+def run_prometheus(state_dir: Path, port: int, binary: str, config_only: bool, scrape_interval_s: float = 5) -> int:
     """Write the config; unless `config_only`, become Prometheus on 127.0.0.1:`port` (exec: a signal
     to `matrix monitor` reaches Prometheus itself, and no orphan is left)."""
-    config = write_config(state_dir)
+    config = write_config(state_dir, scrape_interval_s)
     print(f"wrote {config}", flush=True)
     if config_only:
         return 0

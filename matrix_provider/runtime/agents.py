@@ -115,6 +115,7 @@ class Agent:
         self.held: dict[tuple[str, int], int] = {}
         self.newest: dict[str, int] = {}
         self.queue: asyncio.Queue[Orchestrator] | None = None
+        self.tasks: list[asyncio.Task[None]] = []
         self.running = 0
         self.step_retries = 0
         self.dropped = 0
@@ -122,9 +123,18 @@ class Agent:
     def _start(self) -> asyncio.Queue[Orchestrator]:
         if self.queue is None:
             self.queue = asyncio.Queue()
-            for _ in range(self.role_spec.max_concurrency):
-                asyncio.get_running_loop().create_task(self._worker())
+            loop = asyncio.get_running_loop()
+            workers = [self._worker() for _ in range(self.role_spec.max_concurrency)]
+            self.tasks = [loop.create_task(c) for c in (*workers, self._report_load())]  # held: never collected
         return self.queue
+
+    async def _report_load(self) -> None:
+        """Queue length and steps in flight, every second: Ray drops a gauge that is not set again
+        within two export intervals, so a queue that holds still must still be reported."""
+        while True:
+            self.metrics.queue.set(self.queue.qsize() if self.queue else 0)
+            self.metrics.in_flight.set(self.running)
+            await asyncio.sleep(1.0)
 
     async def incarnation(self) -> str:
         return self.incarnation_id
@@ -136,7 +146,6 @@ class Agent:
             self.held[(msg.key, msg.delivery)] = msg.partition
             self.newest[msg.key] = max(self.newest.get(msg.key, 0), msg.delivery)
             queue.put_nowait(msg)
-        self.metrics.queue.set(queue.qsize())
 
     async def held_rows(self, partition: int) -> list[tuple[str, int]]:
         """[(row key, delivery)] of `partition` held here, for its driver's loss audit."""
@@ -159,7 +168,6 @@ class Agent:
         while True:
             msg = await self.queue.get()
             self.running += 1
-            self.metrics.in_flight.set(self.running)
             try:
                 await self._process(msg)
             except Exception as exc:  # never let one row stop a worker; its driver delivers it again
