@@ -243,6 +243,14 @@ def test_bad_requests_get_slurms_reason_and_leave_nothing(env, tmp_path: Path) -
     assert "not up after 8 s" in done.stderr and "PENDING" in done.stderr, done.stderr
     assert _squeue(env) == []
 
+    # Nodes without Ray (a `ray` that is not there): the head job fails; SLURM's state and the
+    # node's own words come back.
+    done = _up(env, "--name", "noray", "--ray", "/nonexistent/bin/ray")
+    assert done.returncode == 2 and "head job" in done.stderr and "FAILED" in done.stderr, done.stderr
+    assert "No module named 'ray'" in done.stderr or "nonexistent" in done.stderr, done.stderr
+    assert "Traceback (most recent call last)" not in done.stderr.split("log:")[0]
+    assert _squeue(env) == []
+
 
 def _airflow_env(airflow_env, env: dict[str, str], tmp_path: Path, **extra: str) -> dict[str, str]:
     dags = tmp_path / "dags"
