@@ -26,6 +26,8 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 
+from tests.slurm import SlurmCluster, running_slurm
+
 # The session's cluster runs with token auth on; Ray clients send the token only in token mode.
 # Set before any test module imports ray (Ray reads it once).
 os.environ["RAY_AUTH_MODE"] = "token"
@@ -340,3 +342,10 @@ class OutletEvents(dict):
     def __missing__(self, key):
         self[key] = SimpleNamespace(extra=None, added=[], add=lambda asset, extra=None: None)
         return self[key]
+
+
+@pytest.fixture(scope="session")
+def slurm() -> Iterator[SlurmCluster]:
+    """A real single-node SLURM for the session (tests/slurm.py)."""
+    with running_slurm(cpus=2) as cluster:
+        yield cluster

@@ -7,6 +7,7 @@ Clients find it through `SLURM_CONF` (in `SlurmCluster.env`). Everything is stop
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
 import shutil
@@ -18,6 +19,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+import psutil
 
 
 def _free_port() -> int:
@@ -134,3 +137,30 @@ def _cancel_all(env: dict[str, str], root: Path) -> None:
         return not subprocess.run(["squeue", "-h"], env=env, capture_output=True, text=True).stdout.strip()
 
     _wait("the end of every job", none_left, 60, root / "slurmd.log")
+
+
+def squeue(env: dict[str, str], fields: str = "%i %T") -> list[str]:
+    """The jobs SLURM still runs or queues, one `fields` line each."""
+    out = subprocess.run(["squeue", "-h", "-o", fields], env=env, capture_output=True, text=True, check=True)
+    return out.stdout.split("\n")[:-1]
+
+
+def cluster_processes(info: dict) -> list[tuple[str, dict[str, str]]]:
+    """(command line, environment) of a matrix cluster's processes: every one (raylet, GCS, workers
+    that retitle themselves `ray::…`) inherits the cluster's token path in its environment."""
+    found = []
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            env = proc.environ()
+            if env.get("RAY_AUTH_TOKEN_PATH") == info["token_file"]:
+                found.append((" ".join(proc.cmdline())[:200], env))
+    return found
+
+
+def assert_nothing_left(env: dict[str, str], info: dict, timeout: float = 30) -> None:
+    """No job in SLURM's queue and no process of the cluster, within `timeout`."""
+    deadline = time.monotonic() + timeout
+    while (squeue(env) or cluster_processes(info)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert squeue(env) == [], squeue(env)
+    assert [line for line, _ in cluster_processes(info)] == []

@@ -27,11 +27,12 @@ from urllib.parse import quote
 import httpx
 import pytest
 
-from matrix_provider.hooks.ray_jobs import MatrixRayHook
-from tests.conftest import REPO, VENV_BIN, AirflowEnv, free_port, wait_port
+from matrix_provider.hooks.ray_jobs import MatrixRayHook, RayJobsError
+from tests.conftest import CORPUS, REPO, VENV_BIN, AirflowEnv, free_port, wait_port
 from tests.corpus import write_jsonl
 from tests.fault_proxy import FaultProxy
 from tests.postgres import running_postgres
+from tests.slurm import assert_nothing_left
 
 DATES = ["2026-03-01", "2026-03-02"]
 ARTIFACTS = REPO / "test-artifacts"
@@ -41,7 +42,7 @@ USERS = {"admin": "admin-pw", "outsider": "outsider-pw"}
 
 
 @pytest.fixture(scope="module")
-def services(airflow_env, ray_cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+def services(airflow_env, ray_cluster, slurm, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     root = tmp_path_factory.mktemp("snapshots")
     # A manual run without a logical date reads today's snapshot, as does the run that unpausing
     # schedules (its logical date is today's midnight).
@@ -56,6 +57,7 @@ def services(airflow_env, ray_cluster, tmp_path_factory: pytest.TempPathFactory)
         conn = json.loads(airflow_env.env["AIRFLOW_CONN_MATRIX_RAY_DEFAULT"])
         conn["port"] = int(proxy.endpoint.rsplit(":", 1)[1])
         env = _env(airflow_env.env, port, root, passwords) | {"AIRFLOW_CONN_MATRIX_RAY_DEFAULT": json.dumps(conn)}
+        env |= _slurm_env(slurm.env["SLURM_CONF"], root)
         with running_postgres(free_port()) as db_url, pytest.MonkeyPatch.context() as patch:
             patch.setenv("AIRFLOW_CONN_RAY_DIRECT", airflow_env.env["AIRFLOW_CONN_MATRIX_RAY_DEFAULT"])
             env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = db_url
@@ -83,6 +85,22 @@ def _env(base: dict, port: int, root: Path, passwords: Path) -> dict[str, str]:
         "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
         "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "2",
+    }
+
+
+def _slurm_env(slurm_conf: str, root: Path) -> dict[str, str]:
+    """`matrix_slurm_curation` on the test SLURM: one node, a slow simulator (a run lasts minutes)."""
+    slow = {"llm": "sim", "llm.decode_s_per_token": 0.05, "llm.output_tokens_mean": 40}
+    return {
+        "SLURM_CONF": slurm_conf,
+        "MATRIX_CLUSTER_DIR": str(root / "clusters"),
+        "MATRIX_SLURM_NODES": "1",
+        "MATRIX_SLURM_CPUS": "2",
+        "MATRIX_SLURM_TIME": "0:20:00",
+        "MATRIX_SLURM_WAIT_S": "180",
+        "MATRIX_SLURM_INPUT": str(CORPUS),
+        "MATRIX_SLURM_OUTPUT": str(root / "slurm-out"),
+        "MATRIX_SLURM_OVERRIDES": json.dumps(slow),
     }
 
 
@@ -238,6 +256,39 @@ def test_matrix_view_is_behind_auth_and_renders_mapped_and_unmapped_tasks(servic
 
 
 # -- helpers ----------------------------------------------------------------------------------------
+def test_a_run_marked_failed_still_tears_its_slurm_cluster_down(services) -> None:
+    # The pipeline runs on the SLURM cluster its setup brought up; an operator marks the run failed
+    # through the API. Airflow still runs the teardown: SLURM lists no job, no process of it is left.
+    _wait_parsed(services, "matrix_slurm_curation")
+    assert _airflow(services, "dags", "unpause", "matrix_slurm_curation").returncode == 0
+    client = _client(services, "admin")
+    run_id = _trigger(client, "matrix_slurm_curation")
+    clusters = Path(services["env"]["MATRIX_CLUSTER_DIR"])
+    deadline = time.monotonic() + 300
+    while not (info := _cluster_running_a_job(clusters)):
+        assert time.monotonic() < deadline, f"no pipeline job ran on a SLURM cluster\n{_logs_tail(services)}"
+        time.sleep(2)
+    resp = client.patch(f"/api/v2/dags/matrix_slurm_curation/dagRuns/{quote(run_id)}", json={"state": "failed"})
+    assert resp.status_code == 200, resp.text
+    task = f"/api/v2/dags/matrix_slurm_curation/dagRuns/{quote(run_id)}/taskInstances/cluster_down"
+    deadline = time.monotonic() + 180
+    while client.get(task).json().get("state") != "success":
+        assert time.monotonic() < deadline, f"teardown never succeeded\n{_logs_tail(services)}"
+        time.sleep(2)
+    assert_nothing_left(services["env"], info, timeout=60)
+
+
+def _cluster_running_a_job(clusters: Path) -> dict | None:
+    """The state of a cluster under `clusters` on which a Ray job runs, else None."""
+    for state in clusters.glob("*/cluster.json"):
+        info = json.loads(state.read_text())
+        if info.get("dashboard_url"):
+            with contextlib.suppress(RayJobsError):
+                if any(j["status"] == "RUNNING" for j in MatrixRayHook(cluster=info, retry_s=0).list_jobs()):
+                    return info
+    return None
+
+
 def _jobs(services: dict, **metadata: str) -> list[dict]:
     """Ray jobs whose metadata match, asked of Ray directly (not through the proxy Airflow uses)."""
     jobs = MatrixRayHook("ray_direct").list_jobs()

@@ -11,7 +11,6 @@ with SLURM's reason and cancels what was submitted.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import re
@@ -31,7 +30,7 @@ from matrix_provider.operators import (
     MatrixSlurmClusterTeardownOperator,
 )
 from tests.conftest import CORPUS, REPO, VENV_BIN, free_port, read_manifest, run_matrix, task_context
-from tests.slurm import SlurmCluster, running_slurm
+from tests.slurm import SlurmCluster, assert_nothing_left, cluster_processes, squeue
 
 DASHBOARDS = REPO / "matrix_provider" / "monitoring" / "dashboards"
 # Slow enough that the run spans several scrapes; retries, failed steps and redeliveries happen too
@@ -51,45 +50,10 @@ SCRAPED_SIM = [
 ]
 
 
-@pytest.fixture(scope="module")
-def slurm() -> SlurmCluster:
-    with running_slurm(cpus=2) as cluster:
-        yield cluster
-
-
 @pytest.fixture
 def env(slurm: SlurmCluster, tmp_path: Path) -> dict[str, str]:
     clean = {k: v for k, v in slurm.env.items() if not k.startswith(("RAY_", "AIRFLOW"))}
     return {**clean, "PATH": f"{VENV_BIN}:{clean['PATH']}", "MATRIX_CLUSTER_DIR": str(tmp_path / "clusters")}
-
-
-def _squeue(env: dict[str, str], fields: str = "%i %T") -> list[str]:
-    out = subprocess.run(["squeue", "-h", "-o", fields], env=env, capture_output=True, text=True, check=True)
-    return out.stdout.split("\n")[:-1]
-
-
-def _processes_of(info: dict) -> list[tuple[str, dict[str, str]]]:
-    """(command line, environment) of the cluster's processes: every one (raylet, GCS, workers that
-    retitle themselves `ray::…`) inherits the cluster's token path in its environment."""
-    found = []
-    for proc in psutil.process_iter():
-        with contextlib.suppress(psutil.Error):
-            env = proc.environ()
-            if env.get("RAY_AUTH_TOKEN_PATH") == info["token_file"]:
-                found.append((" ".join(proc.cmdline())[:200], env))
-    return found
-
-
-def _ray_processes_of(info: dict) -> list[str]:
-    return [line for line, _ in _processes_of(info)]
-
-
-def _assert_nothing_left(env: dict[str, str], info: dict) -> None:
-    deadline = time.monotonic() + 30
-    while (_squeue(env) or _ray_processes_of(info)) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert _squeue(env) == [], _squeue(env)
-    assert _ray_processes_of(info) == []
 
 
 def _up(env: dict[str, str], *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
@@ -130,10 +94,10 @@ def test_cluster_on_slurm_runs_a_pipeline_that_prometheus_scrapes(env, tmp_path:
     up = _up(submitter, "--name", "scraped", "--cpus-per-node", "2", "--export-env", "RAY_metrics_report_interval_ms")
     assert up.returncode == 0, up.stderr[-3000:]
     info = json.loads(up.stdout[: up.stdout.rindex("}") + 1])
-    assert len(info["jobs"]) == 1 and _squeue(env) == [f"{info['jobs'][0]} RUNNING"]
+    assert len(info["jobs"]) == 1 and squeue(env) == [f"{info['jobs'][0]} RUNNING"]
     token_file = Path(info["token_file"])
     assert token_file.stat().st_mode & 0o077 == 0 and token_file.read_text().strip() not in up.stdout + up.stderr
-    assert not [env for _, env in _processes_of(info) if "AIRFLOW__CORE__FERNET_KEY" in env]
+    assert not [env for _, env in cluster_processes(info) if "AIRFLOW__CORE__FERNET_KEY" in env]
     second = _up(env, "--name", "scraped")
     assert second.returncode == 2 and "already up" in second.stderr, second.stderr
 
@@ -187,7 +151,7 @@ def test_cluster_on_slurm_runs_a_pipeline_that_prometheus_scrapes(env, tmp_path:
         monitor.wait(timeout=30)
         down = run_matrix(["cluster", "down", "--name", "scraped"], env, timeout=180)
     assert down.returncode == 0, down.stderr
-    _assert_nothing_left(env, info)
+    assert_nothing_left(env, info)
     assert monitor.returncode is not None
     assert not [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])]
 
@@ -213,7 +177,7 @@ def test_a_requeued_worker_node_rejoins(env) -> None:
         while time.monotonic() < deadline and not (1 in seen and seen[-1] == 2):
             seen.append(_status(env, "two")["alive_nodes"])
             # SLURM holds a requeued job back ~2 min (reason BeginTime); lift that so the test need not wait.
-            if f"{workers}_1 PENDING BeginTime" in _squeue(env, "%i %T %r"):
+            if f"{workers}_1 PENDING BeginTime" in squeue(env, "%i %T %r"):
                 subprocess.run(["scontrol", "update", f"JobId={workers}_1", "StartTime=now"], env=env, check=True)
             time.sleep(1)
         assert 1 in seen and seen[-1] == 2, f"alive nodes over time: {seen}"
@@ -221,7 +185,7 @@ def test_a_requeued_worker_node_rejoins(env) -> None:
     finally:
         down = run_matrix(["cluster", "down", "--name", "two"], env, timeout=180)
     assert down.returncode == 0, down.stderr
-    _assert_nothing_left(env, info)
+    assert_nothing_left(env, info)
 
 
 def test_bad_requests_get_slurms_reason_and_leave_nothing(env, tmp_path: Path) -> None:
@@ -241,7 +205,7 @@ def test_bad_requests_get_slurms_reason_and_leave_nothing(env, tmp_path: Path) -
     )
     assert done.returncode == 2, done.stderr
     assert "not up after 8 s" in done.stderr and "PENDING" in done.stderr, done.stderr
-    assert _squeue(env) == []
+    assert squeue(env) == []
 
     # Nodes without Ray (a `ray` that is not there): the head job fails; SLURM's state and the
     # node's own words come back.
@@ -249,7 +213,7 @@ def test_bad_requests_get_slurms_reason_and_leave_nothing(env, tmp_path: Path) -
     assert done.returncode == 2 and "head job" in done.stderr and "FAILED" in done.stderr, done.stderr
     assert "No module named 'ray'" in done.stderr or "nonexistent" in done.stderr, done.stderr
     assert "Traceback (most recent call last)" not in done.stderr.split("log:")[0]
-    assert _squeue(env) == []
+    assert squeue(env) == []
 
 
 def _airflow_env(airflow_env, env: dict[str, str], tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -291,7 +255,7 @@ def test_dag_brings_a_cluster_up_runs_on_it_and_tears_it_down(airflow_env, env, 
     (state,) = Path(env["MATRIX_CLUSTER_DIR"]).iterdir()
     info = json.loads((state / "cluster.json").read_text())
     assert Path(info["token_file"]).read_text().strip() not in log  # the token never reaches a log
-    _assert_nothing_left(env, info)
+    assert_nothing_left(env, info)
 
 
 @pytest.mark.timeout(600)
@@ -334,7 +298,7 @@ def test_a_cluster_cancelled_under_a_running_pipeline_fails_the_task_and_leaves_
     with pytest.raises(AirflowException, match=re.escape(gone)):
         run._poll(hook, trigger.submission_id, ctx, None)
     assert MatrixSlurmClusterTeardownOperator(task_id="down", cluster=info).execute(ctx) == info["jobs"]
-    _assert_nothing_left(env, info)
+    assert_nothing_left(env, info)
 
 
 def test_local_cluster_has_the_same_commands(tmp_path: Path) -> None:
@@ -354,7 +318,7 @@ def test_local_cluster_has_the_same_commands(tmp_path: Path) -> None:
         status = json.loads(run_matrix(["cluster", "status", "--name", "here"], env).stdout)
         assert status["alive_nodes"] == 2
         assert {s["state"] for s in status["job_states"].values()} == {"RUNNING"}
-        nodes_env = {k: v for _, env in _processes_of(info) for k, v in env.items()}
+        nodes_env = {k: v for _, env in cluster_processes(info) for k, v in env.items()}
         assert nodes_env.get("MY_BUCKET") == "s3://exported"
         assert not {"AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "RAY_AUTH_TOKEN"} & nodes_env.keys()
     finally:
@@ -362,4 +326,4 @@ def test_local_cluster_has_the_same_commands(tmp_path: Path) -> None:
     assert down.returncode == 0, down.stderr
     pids = [int(p.split("@")[0]) for job in info["jobs"] for p in job.removeprefix("local:").split(",")]
     assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
-    assert _ray_processes_of(info) == []
+    assert cluster_processes(info) == []
