@@ -20,7 +20,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import quote
 
@@ -45,9 +45,11 @@ USERS = {"admin": "admin-pw", "outsider": "outsider-pw"}
 def services(airflow_env, ray_cluster, slurm, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     root = tmp_path_factory.mktemp("snapshots")
     # A manual run without a logical date reads today's snapshot, as does the run that unpausing
-    # schedules (its logical date is today's midnight).
-    today = datetime.now(UTC).date().isoformat()
-    for i, date in enumerate([*DATES, today]):
+    # schedules (its logical date is today's midnight). A session that crosses midnight (UTC) needs
+    # tomorrow's too.
+    now = datetime.now(UTC)
+    days = [now.date().isoformat(), (now + timedelta(days=1)).date().isoformat()]
+    for i, date in enumerate([*DATES, *days]):
         write_jsonl(root / "in" / date / "docs.jsonl", 15, start=100 * i)
     write_jsonl(root / "team" / "shard-0" / "docs.jsonl", 10, start=900)
     port = free_port()
@@ -63,7 +65,7 @@ def services(airflow_env, ray_cluster, slurm, tmp_path_factory: pytest.TempPathF
             env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = db_url
             AirflowEnv(airflow_env.home, env).prepare()
             for running in _services(env, port, airflow_env.home, tmp_path_factory.mktemp("airflow-logs"), root):
-                yield running | {"proxy": proxy, "today": today}
+                yield running | {"proxy": proxy, "days": days}
 
 
 def _env(base: dict, port: int, root: Path, passwords: Path) -> dict[str, str]:
@@ -202,7 +204,8 @@ def test_manual_run_then_clear_after_changed_overrides_runs_a_new_job(services) 
     team = _trigger(admin, "matrix_team_pipelines")
     services["runs"] = {"matrix_curation": curation, "matrix_team_pipelines": team}
     assert _wait_run(services, admin, "matrix_curation", curation) == "success"
-    out = services["root"] / "out" / services["today"]
+    day = datetime.now(UTC).date().isoformat()  # the run's: the session may have crossed midnight since
+    out = services["root"] / "out" / (day if day in services["days"] else services["days"][0])
     assert json.loads((out / "_manifest.json").read_text())["rows_in"] == 15, "read today's snapshot"
     assert _airflow(services, "variables", "set", "matrix_llm_timeout_s", "61").returncode == 0
     cleared = admin.post(
