@@ -30,7 +30,7 @@ from typing import Any, Protocol
 import httpx
 
 from matrix_provider.clusters.errors import ClusterError
-from matrix_provider.clusters.launch import NodeCommand
+from matrix_provider.clusters.launch import NodeCommand, temp_dir
 from matrix_provider.clusters.slurm import (
     BASE_EXPORT,
     FAILED_STATES,
@@ -225,7 +225,8 @@ def up(
     )
     info = ClusterInfo(spec.name, spec.scheduler, command.state_dir, command.token_file, spec.nodes, tag=command.tag)
     scheduler = scheduler_for(info, env)
-    base = SbatchOptions(name=f"matrix-{spec.name}-head", allocation=spec.allocation, export=spec.export)
+    head_name, worker_name = job_names(spec.name)
+    base = SbatchOptions(name=head_name, allocation=spec.allocation, export=spec.export)
     try:
         _check_stop(stop)
         info.jobs.append(scheduler.submit(command.head(), base, directory / "head-%j.log"))
@@ -234,7 +235,7 @@ def up(
             _check_stop(stop)
             workers = dataclasses.replace(
                 base,
-                name=f"matrix-{spec.name}-worker",
+                name=worker_name,
                 requeue=True,
                 array=f"1-{spec.nodes - 1}",
                 dependency=f"after:{info.jobs[0]}" if spec.scheduler == "slurm" else None,
@@ -244,9 +245,7 @@ def up(
         log(f"submitted {spec.scheduler} jobs {', '.join(info.jobs)}; waiting for {spec.nodes} node(s)")
         _wait_ready(scheduler, info, directory, wait_s, stop)
     except BaseException:
-        scheduler.cancel(info.jobs)
-        if isinstance(scheduler, Slurm):
-            scheduler.cancel_named(job_names(spec.name))
+        _cancel(scheduler, info)
         raise
     info.save()
     return info
@@ -254,6 +253,14 @@ def up(
 
 def job_names(name: str) -> list[str]:
     return [f"matrix-{name}-head", f"matrix-{name}-worker"]
+
+
+def _cancel(scheduler: Scheduler, info: ClusterInfo) -> None:
+    """Cancel the cluster's jobs; on SLURM also any of its name never recorded (a setup killed
+    between sbatch's answer and the state file)."""
+    scheduler.cancel(info.jobs)
+    if isinstance(scheduler, Slurm):
+        scheduler.cancel_named(job_names(info.name))
 
 
 def _check_stop(stop: threading.Event | None) -> None:
@@ -310,7 +317,7 @@ def _read_head(info: ClusterInfo, directory: Path) -> None:
     info.gcs_address = head["gcs_address"]
     info.dashboard_url = head["dashboard_url"]
     info.metrics_export_port = head["metrics_export_port"]
-    info.temp_dir = f"/tmp/mx-{head['job']}"  # as launch.NodeCommand.temp_dir names it
+    info.temp_dir = temp_dir(head["job"])
 
 
 def alive_nodes(info: ClusterInfo, timeout_s: float = 5.0) -> int:
@@ -344,13 +351,10 @@ def status(state_dir: Path, env: dict[str, str] | None = None) -> dict[str, Any]
 
 
 def down(state_dir: Path, wait_s: float = 120.0, env: dict[str, str] | None = None) -> list[str]:
-    """Cancel every job the cluster has (on SLURM also any of its name that was never recorded) and
-    wait until the scheduler lists none of them live."""
+    """Cancel every job the cluster has and wait until the scheduler lists none of them live."""
     info = ClusterInfo.load(state_dir)
     scheduler = scheduler_for(info, env)
-    scheduler.cancel(info.jobs)
-    if isinstance(scheduler, Slurm):
-        scheduler.cancel_named(job_names(info.name))
+    _cancel(scheduler, info)
     deadline = time.monotonic() + wait_s
     while live := [j for j, s in scheduler.states(info.jobs).items() if s.state in LIVE_STATES]:
         if time.monotonic() > deadline:

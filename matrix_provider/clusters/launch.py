@@ -39,7 +39,7 @@ PY
 exec {ray} start --head --block --node-ip-address="$node_ip" --port="$gcs" \\
   --dashboard-host="$node_ip" --dashboard-port="$dash" --metrics-export-port="$metrics" \\
   --dashboard-agent-listen-port="$agent" --ray-client-server-port="$client" --num-cpus="$cpus" \\
-  --num-gpus={gpus} --temp-dir="/tmp/mx-$job" --disable-usage-stats
+  --num-gpus={gpus} --temp-dir="{temp_root}$job" --disable-usage-stats
 """
 
 # A worker joins only this cluster's head: a head.json left by another cluster of the same name (or
@@ -54,8 +54,17 @@ for _ in $(seq 600); do gcs=$(head_of_this_cluster) && break; sleep 1; done
 metrics=$(free_port); agent=$(free_port)
 exec {ray} start --block --address="$gcs" --node-ip-address="$node_ip" --metrics-export-port="$metrics" \\
   --dashboard-agent-listen-port="$agent" --num-cpus="$cpus" --num-gpus={gpus} \\
-  --temp-dir="/tmp/mx-$job" --disable-usage-stats
+  --temp-dir="{temp_root}$job" --disable-usage-stats
 """
+
+
+# A node's Ray temp dir is TEMP_ROOT + its job (`<tag>-<scheduler's job id>`): short, because Ray's
+# socket paths under it must fit AF_UNIX's 107 bytes.
+TEMP_ROOT = "/tmp/mx-"
+
+
+def temp_dir(job: str) -> str:
+    return TEMP_ROOT + job
 
 
 @dataclass(frozen=True)
@@ -70,10 +79,6 @@ class NodeCommand:
     gpus: int
     tag: str  # this cluster's, in its nodes' Ray temp dirs: job ids repeat across SLURM instances
 
-    def temp_dir(self, job: str) -> str:
-        """A node's Ray temp dir (short: Ray's socket paths under it must fit AF_UNIX's 107 bytes)."""
-        return f"/tmp/mx-{self.tag}-{job}"
-
     def _fill(self, body: str) -> str:
         values = {
             "ray": shlex.quote(self.ray),
@@ -83,6 +88,7 @@ class NodeCommand:
             "cpus": self.cpus,
             "gpus": self.gpus,
             "tag": self.tag,
+            "temp_root": TEMP_ROOT,
         }
         return _PRELUDE.format(**values) + body.format(**values)
 

@@ -26,16 +26,15 @@ def discovery_file(info: ClusterInfo) -> Path:
     return Path(info.temp_dir) / "session_latest" / SD_FILE
 
 
-def write_config(state_dir: Path, scrape_interval_s: float) -> Path:
+def write_config(info: ClusterInfo, scrape_interval_s: float) -> Path:
     """prometheus.yml in the state directory: Ray's targets, labelled with the cluster's name."""
-    info = ClusterInfo.load(state_dir)
     interval = f"{scrape_interval_s:g}s"
     job = {
         "job_name": "ray",
         "file_sd_configs": [{"files": [str(discovery_file(info))]}],
         "relabel_configs": [{"target_label": "cluster", "replacement": info.name}],
     }
-    config = state_dir / "prometheus.yml"
+    config = Path(info.state_dir) / "prometheus.yml"
     timing = {"scrape_interval": interval, "evaluation_interval": interval}
     config.write_text(yaml.safe_dump({"global": timing, "scrape_configs": [job]}))
     return config
@@ -44,11 +43,11 @@ def write_config(state_dir: Path, scrape_interval_s: float) -> Path:
 def run_prometheus(state_dir: Path, port: int, binary: str, config_only: bool, scrape_interval_s: float = 5) -> int:
     """Write the config; unless `config_only`, become Prometheus on 127.0.0.1:`port` (exec: a signal
     to `matrix monitor` reaches Prometheus itself, and no orphan is left)."""
-    config = write_config(state_dir, scrape_interval_s)
+    info = ClusterInfo.load(state_dir)
+    config = write_config(info, scrape_interval_s)
     print(f"wrote {config}", flush=True)
     if config_only:
         return 0
-    info = ClusterInfo.load(state_dir)
     # The TSDB stays on this host (Prometheus does not support NFS, where a state dir often is), one
     # per cluster (never mixed with an earlier cluster of the same name).
     args = [
