@@ -70,14 +70,16 @@ def test_losing_a_node_mid_run_loses_and_doubles_nothing(s3_server, tmp_path: Pa
             actors = list_actors(address=cluster.dashboard_url, filters=[("state", "=", "ALIVE")], limit=1000)
             agent_nodes = _node_of(actors, "-agent-")
             assert len(agent_nodes) > 1, f"agents all on one node: {agent_nodes}"
-            # Lose a worker node that hosts agents but neither the job's own process nor the simulator.
-            # Every node registers as 127.0.0.1, so the job's process may sit on any node: it is found
-            # by its pid (the state API also lists dead drivers, e.g. the refused run's, on other nodes).
+            # Lose a worker node that hosts pipeline actors (agents, partition drivers or both) but
+            # neither the job's own process nor the simulator. Every node registers as 127.0.0.1, so
+            # the job's process is found by its pid (the state API also lists dead drivers, e.g. the
+            # refused run's); the simulator's node affinity is soft, so it may sit on any node.
             job = list_workers(address=cluster.dashboard_url, filters=[("pid", "=", str(proc.pid))], detail=True)
             keep = {w.node_id for w in job} | _node_of(actors, "SimReplica")
-            victims = [i for i, node in enumerate(cluster.workers) if node.node_id in agent_nodes - keep]
+            pipeline_nodes = agent_nodes | _node_of(actors, "-driver-")
+            victims = [i for i, node in enumerate(cluster.workers) if node.node_id in pipeline_nodes - keep]
             placement = {a.name or a.class_name: a.node_id[:8] for a in actors}
-            assert len(job) == 1 and victims, f"no worker node hosts only agents and drivers: {job} {placement}"
+            assert len(job) == 1 and victims, f"no worker node hosts only pipeline actors: {job} {placement}"
             node_id = kill_worker_raylet(cluster, victims[0])
             wait_node_dead(cluster, node_id)
             output, _ = proc.communicate(timeout=600)
