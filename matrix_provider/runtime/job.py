@@ -159,6 +159,9 @@ def run(spec: PipelineSpec, *, quiet: bool = False) -> dict[str, Any]:
             raise RunFailed(lease.lost)
         manifest = summarize(spec, pipeline, units, records, resumed)
         manifest.update(extra)
+        if pipeline.summarize is not None:
+            table = store.read_committed([records[u.uid] for u in units], ["status", *pipeline.summary_columns])
+            manifest["summary"] = pipeline.summarize(table)
         # Units no longer in the input (files removed, a corrupt footer read differently) leave the
         # output with their parts: after _SUCCESS the output mirrors this run's input exactly.
         planned = {u.uid for u in units}

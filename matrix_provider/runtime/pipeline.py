@@ -34,6 +34,10 @@ class Pipeline:
     columns: pa.Schema
     output: Callable[[Orchestrator], dict[str, Any]]
     """The pipeline's own columns of a finished row (missing ones are null)."""
+    summarize: Callable[[pa.Table], dict[str, Any]] | None = None
+    """The pipeline's own manifest figures (`summary`), from every committed row once the run is done."""
+    summary_columns: tuple[str, ...] = ()
+    """The columns `summarize` reads, besides `status`: only these are loaded, so keep out long texts."""
 
     @property
     def schema(self) -> pa.Schema:

@@ -85,6 +85,13 @@ def print_summary(manifest: dict[str, Any]) -> None:
         value = manifest.get(key)
         table.add_row(key, f"{value:,.1f}" if isinstance(value, float) else f"{value:,}")
     console.print(table)
+    if manifest.get("summary"):
+        figures = Table(title=f"{manifest['pipeline']} summary")
+        figures.add_column("figure")
+        figures.add_column("value", justify="right")
+        for key, value in manifest["summary"].items():
+            figures.add_row(key, str(value))
+        console.print(figures)
     if manifest.get("error_reasons"):
         reasons = Table(title="error and filter reasons (top)")
         reasons.add_column("reason")

@@ -149,6 +149,15 @@ class OutputStore:
         records = [json.loads(data) for data in contents.values()]
         return {r["unit_id"]: r for r in records}
 
+    def read_committed(self, records: list[dict[str, Any]], columns: list[str]) -> pa.Table:
+        """`columns` of the rows that `records` commit (what a reader sees after `_SUCCESS`)."""
+        tables = []
+        for record in records:
+            for part in record["parts"]:
+                with self.fs.open(self.path(part["name"]), "rb") as handle:
+                    tables.append(pq.read_table(handle, columns=columns))
+        return pa.concat_tables(tables) if tables else pa.table({c: [] for c in columns})
+
     def drop_commits(self, unit_ids: list[str]) -> None:
         """Forget units (their parts go with `remove_orphans`)."""
         paths = [self.path(f"{COMMITS_DIR}/{uid}.json") for uid in unit_ids]
