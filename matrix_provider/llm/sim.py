@@ -7,6 +7,11 @@ decode_s_per_token * output_tokens`. So its completion-token capacity is exactly
 Draws (output length, faults, JSON values) come from a hash of the seed, the request body and the
 client's attempt number (`x-matrix-attempt`), so a rerun gets the same answers while a retry of a
 failed request gets a fresh draw.
+
+Opt-in, `model: vllm-like` (`STEP_MODELS`): a vLLM-like engine whose decode step advances every
+running sequence by one token and takes `a + b * batch + c * sum(context)` seconds plus the prefill
+of the prompts admitted at that step, with a KV budget; so a bigger batch or a longer history
+makes every sequence slower, as on a GPU.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ import hashlib
 import json
 import math
 import random
+import re
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +31,34 @@ from matrix_provider.llm.spec import SimSpec
 
 _WORDS = ("the", "model", "reasons", "about", "data", "step", "answer", "because", "so", "then")
 HANG_S = 3600.0
+_END_MARKER = re.compile(r"###[A-Z][A-Z-]*###")
+
+
+@dataclass(frozen=True)
+class StepModel:
+    """Step time of a continuous-batching GPU engine: weights read once a step (`a`), per-sequence
+    work (`b`), attention over every running sequence's KV cache (`c` per context token)."""
+
+    a: float
+    b: float
+    c: float
+    kv_tokens: int  # KV cache budget: a sequence is admitted only if its prompt and output fit
+
+    def step_s(self, batch: int, context_tokens: int) -> float:
+        return self.a + self.b * batch + self.c * context_tokens
+
+
+# Llama-3.1-8B in bf16 on one A100-80GB: 16 GB of weights at ~2 TB/s a step, 128 KB of KV a token
+# (32 layers x 8 KV heads x 128 x 2 x 2 bytes) read at the same rate, ~60 GB left for KV.
+STEP_MODELS = {"vllm-like": StepModel(a=0.008, b=0.00004, c=6.5e-8, kv_tokens=460_000)}
+
+
+@dataclass
+class _Sequence:
+    prompt: int
+    output: int
+    done: asyncio.Future[None]
+    generated: int = 0
 
 
 @dataclass
@@ -61,10 +96,22 @@ class SimEngine:
         self.completion_tokens = 0
         self.in_flight = 0
         self._running: dict[int, tuple[float, float]] = {}  # request -> (got its slot at, modelled busy s)
+        self.steps = STEP_MODELS.get(spec.model)
+        self._waiting: deque[_Sequence] = deque()
+        self._batch: list[_Sequence] = []
+        self._kv_used = 0
+        self._admitted = [0, 0, 0]  # sequences admitted, their summed KV reservations and mean contexts
+        self._wake: asyncio.Event | None = None
 
     @property
     def capacity_tokens_per_s(self) -> float:
-        """Completion tokens/s of this replica with every slot busy (prefill excluded)."""
+        """Completion tokens/s of this replica with every slot busy (prefill excluded); for a step
+        model, with as many sequences as slots and KV budget allow at the mean context seen so far."""
+        if self.steps is not None:
+            count, reserved, context = self._admitted
+            mean_reserved, mean_context = (reserved / count, context / count) if count else (768.0, 512.0)
+            full = max(1, min(self.spec.slots, int(self.steps.kv_tokens // mean_reserved)))
+            return full / self.steps.step_s(full, round(full * mean_context))
         if self.spec.decode_s_per_token == 0:
             return math.inf
         return self.spec.slots / self.spec.decode_s_per_token
@@ -116,6 +163,9 @@ class SimEngine:
         self.requests += 1
         self.in_flight += 1
         try:
+            if self.steps is not None:
+                await self._generate(prompt_tokens, out_tokens)
+                return self._reply(path, message, finish, prompt_tokens, out_tokens)
             async with self._slots:
                 busy = s.prefill_s_per_token * prompt_tokens + s.decode_s_per_token * out_tokens
                 key = id(message)
@@ -127,6 +177,10 @@ class SimEngine:
                     del self._running[key]
         finally:
             self.in_flight -= 1
+        return self._reply(path, message, finish, prompt_tokens, out_tokens)
+
+    def _reply(self, path: str, message: dict[str, Any], finish: str, prompt_tokens: int, out_tokens: int) -> SimReply:
+        s = self.spec
         self.prompt_tokens += prompt_tokens
         self.completion_tokens += out_tokens
         usage = {
@@ -144,13 +198,73 @@ class SimEngine:
             200, {"id": f"sim-{self.requests}", "object": obj, "model": s.model, "choices": [choice], "usage": usage}
         )
 
+    async def _generate(self, prompt_tokens: int, out_tokens: int) -> None:
+        """Queue a sequence for the step loop (started with the first request) and wait for its
+        last token."""
+        if self._wake is None:
+            self._wake = asyncio.Event()
+            asyncio.get_running_loop().create_task(self._step_loop())
+        seq = _Sequence(prompt_tokens, out_tokens, asyncio.get_running_loop().create_future())
+        self._waiting.append(seq)
+        self._wake.set()
+        await seq.done
+
+    def _admit(self) -> int:
+        """Move waiting sequences into the batch while slots and KV budget allow (an empty batch
+        takes one anyway, so an oversized request cannot stall the engine); return their prompt
+        tokens, prefilled in this step."""
+        assert self.steps is not None
+        prefill = 0
+        while self._waiting and len(self._batch) < self.spec.slots:
+            seq = self._waiting[0]
+            need = seq.prompt + seq.output
+            if self._batch and self._kv_used + need > self.steps.kv_tokens:
+                break
+            self._waiting.popleft()
+            self._batch.append(seq)
+            self._kv_used += need
+            self._admitted[0] += 1
+            self._admitted[1] += need
+            self._admitted[2] += seq.prompt + seq.output // 2
+            prefill += seq.prompt
+        return prefill
+
+    async def _step_loop(self) -> None:
+        """One decode step at a time over the whole batch; steps are scheduled on a clock, so a
+        late event loop catches up (by at most 0.1 s) instead of slowing the modelled engine."""
+        assert self.steps is not None and self._wake is not None
+        end = time.monotonic()
+        while True:
+            prefill = self._admit()
+            if not self._batch:
+                self._wake.clear()
+                await self._wake.wait()
+                end = time.monotonic()
+                continue
+            context = sum(seq.prompt + seq.generated for seq in self._batch)
+            dt = self.steps.step_s(len(self._batch), context) + self.spec.prefill_s_per_token * prefill
+            end = max(end + dt, time.monotonic() - 0.1)
+            await asyncio.sleep(end - time.monotonic())
+            self.busy_slot_s += dt * len(self._batch)
+            running = []
+            for seq in self._batch:
+                seq.generated += 1
+                if seq.generated < seq.output:
+                    running.append(seq)
+                    continue
+                self._kv_used -= seq.prompt + seq.output
+                if not seq.done.done():
+                    seq.done.set_result(None)
+            self._batch = running
+
     def _answer(
         self, path: str, body: dict[str, Any], rng: random.Random, out_tokens: int
     ) -> tuple[dict[str, Any], int, str]:
         tools = body.get("tools") or []
         if tools and path.endswith("/chat/completions") and rng.random() < self.spec.tool_call_rate:
             fn = rng.choice(tools)["function"]
-            args = fake_value(fn.get("parameters") or {"type": "object"}, rng)
+            parameters = fn.get("parameters") or {"type": "object"}
+            args = fake_value(parameters, rng, parameters)
             call = {
                 "id": f"call_{rng.getrandbits(32):08x}",
                 "type": "function",
@@ -163,34 +277,69 @@ class SimEngine:
             return {"role": "assistant", "content": text}, max(out_tokens, count_tokens(text)), "stop"
         if fmt.get("type") == "json_object":
             return {"role": "assistant", "content": "{}"}, out_tokens, "stop"
+        markers = end_markers(body)
+        if markers and rng.random() < self.spec.end_marker_rate:
+            return {"role": "assistant", "content": markers[0]}, out_tokens, "stop"
         text = " ".join(rng.choice(_WORDS) for _ in range(out_tokens))
         finish = "length" if out_tokens >= int(body.get("max_tokens") or 1 << 30) else "stop"
         return {"role": "assistant", "content": text}, out_tokens, finish
 
 
-def fake_value(schema: dict[str, Any], rng: random.Random) -> Any:
-    """A value valid for a (simple) JSON schema: objects, arrays, enums, numbers, strings, booleans.
+def end_markers(body: dict[str, Any]) -> list[str]:
+    """`###STOP###`-style markers the system prompt tells the model to end a dialogue with, in order."""
+    system = " ".join(
+        m["content"] for m in body.get("messages", []) if m.get("role") == "system" and isinstance(m.get("content"), str)
+    )
+    return _END_MARKER.findall(system)
 
-    `x-sim-true-rate` on a boolean sets how often the simulator says true, so a workload can
-    model a filter that drops most rows.
+
+def fake_value(schema: dict[str, Any], rng: random.Random, root: dict[str, Any] | None = None) -> Any:
+    """A value valid for a JSON schema: objects, arrays, enums, consts, numbers, strings, booleans, null,
+    `anyOf`/`oneOf` (one branch) and `$ref` into the `root` schema's `$defs` (pydantic's tool schemas).
+
+    An object gets its required properties and, when it lists them, each optional one half the time
+    (all of them when it has no `required`). `x-sim-true-rate` on a boolean sets how often the
+    simulator says true, so a workload can model a filter that drops most rows.
     """
+    root = root or schema
+    if "$ref" in schema:
+        return fake_value(_resolve(schema["$ref"], root), rng, root)
+    if "const" in schema:
+        return schema["const"]
     if "enum" in schema:
         return rng.choice(schema["enum"])
+    branches = schema.get("anyOf") or schema.get("oneOf")
+    if branches:
+        return fake_value(rng.choice(branches), rng, root)
     kind = schema.get("type", "string")
     if isinstance(kind, list):
         kind = kind[0]
     if kind == "object":
         props = schema.get("properties", {})
-        return {name: fake_value(sub, rng) for name, sub in props.items()}
+        required = set(schema.get("required", props))
+        names = [name for name in props if name in required or rng.random() < 0.5]
+        return {name: fake_value(props[name], rng, root) for name in names}
     if kind == "array":
-        return [fake_value(schema.get("items", {}), rng) for _ in range(rng.randint(1, 3))]
+        return [fake_value(schema.get("items", {}), rng, root) for _ in range(rng.randint(1, 3))]
     if kind == "boolean":
         return rng.random() < float(schema.get("x-sim-true-rate", 0.5))
     if kind == "integer":
         return rng.randint(int(schema.get("minimum", 0)), int(schema.get("maximum", 10)))
     if kind == "number":
         return rng.uniform(float(schema.get("minimum", 0.0)), float(schema.get("maximum", 1.0)))
+    if kind == "null":
+        return None
     return " ".join(rng.choice(_WORDS) for _ in range(rng.randint(3, 12)))
+
+
+def _resolve(ref: str, root: dict[str, Any]) -> dict[str, Any]:
+    """A local `#/a/b` reference within the root schema."""
+    if not ref.startswith("#/"):
+        raise ValueError(f"simulator: only local $ref are supported, not {ref!r}")
+    node: Any = root
+    for key in ref[2:].split("/"):
+        node = node[key]
+    return node
 
 
 def _error(status: int, message: str, kind: str) -> SimReply:
