@@ -49,7 +49,7 @@ def discuss(row: dict[str, Any], script: Script, max_turns: int = 4) -> dict[str
     """Run one row through the pipeline's roles and routing in process; returns its output row."""
     llm = ScriptedLLM(script)
     params = {"max_turns": max_turns, "tolerance": 1e-6}
-    roles = {name: cls(name, RoleSpec(), params, llm) for name, cls in PIPELINE.roles.items()}  # type: ignore[arg-type]
+    roles = {name: cls(name, RoleSpec(), params, llm) for name, cls in PIPELINE.roles.items()}
     msg = CoralOrchestrator(id=row["id"], partition=0, delivery=1, deadline=time.time() + 60, row=row)
 
     async def go() -> None:
