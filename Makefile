@@ -26,7 +26,7 @@ lint: install
 
 test: install lint
 	bash tests/system_deps.sh
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q --durations=40
 
 # State-scale at a million rows (make test runs it at 400,000): ~5 min on 2 cores.
 scale: install
