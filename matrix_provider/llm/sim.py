@@ -288,7 +288,9 @@ class SimEngine:
 def end_markers(body: dict[str, Any]) -> list[str]:
     """`###STOP###`-style markers the system prompt tells the model to end a dialogue with, in order."""
     system = " ".join(
-        m["content"] for m in body.get("messages", []) if m.get("role") == "system" and isinstance(m.get("content"), str)
+        m["content"]
+        for m in body.get("messages", [])
+        if m.get("role") == "system" and isinstance(m.get("content"), str)
     )
     return _END_MARKER.findall(system)
 

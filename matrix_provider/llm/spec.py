@@ -43,6 +43,12 @@ class SimSpec(_Served):
     timeout_rate: float = Field(0.0, ge=0, le=1, description="share of requests that hang")
     rate_limit_rate: float = Field(0.0, ge=0, le=1, description="share of requests answered HTTP 429")
     tool_call_rate: float = Field(0.5, ge=0, le=1, description="share of tool-enabled requests answered with a call")
+    end_marker_rate: float = Field(
+        0.25,
+        ge=0,
+        le=1,
+        description="share of text answers that are the end marker (###STOP###) their system prompt names",
+    )
     n_ctx: int = Field(8192, ge=16, description="context length; longer prompts get HTTP 400")
     seed: int = 0
 
