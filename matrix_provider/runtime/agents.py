@@ -34,6 +34,7 @@ from matrix_provider.runtime.outbox import Outbox
 from matrix_provider.runtime.pipeline import load_pipeline, output_row
 from matrix_provider.runtime.roles import RowError
 from matrix_provider.runtime.spec import PipelineSpec
+from matrix_provider.sandbox.client import SandboxClient
 
 _HANDOFF_TRIES = 30
 _REPORT_TRIES = 10
@@ -108,7 +109,8 @@ class Agent:
         self.role_spec = self.spec.roles[role]
         role_cls = self.pipeline.roles[role]
         self.llm = LLMClient(client_config) if role_cls.uses_llm and client_config else None
-        self.role = role_cls(role, self.role_spec, self.spec.params, self.llm)
+        self.sandbox = SandboxClient.named(run_id, self.spec.sandbox.pools) if self.pipeline.uses_sandbox else None
+        self.role = role_cls(role, self.role_spec, self.spec.params, self.llm, self.sandbox)
         self.peers = PeerDirectory(run_id, {r: s.replicas for r, s in self.spec.roles.items()})
         self.metrics = RoleMetrics(self.pipeline.name, role)
         self.incarnation_id = uuid.uuid4().hex  # new after every restart: the run's supervisor watches it
@@ -226,6 +228,7 @@ class Agent:
         if next_role is None:
             if not msg.done:
                 msg.finish(ERROR, f"pipeline routing after {self.role_name!r} named no role and no status")
+            await self._release_sandbox(msg)
             await self._report(msg, "done", output_row(self.pipeline, msg))
             return
         if self._stale(msg):  # superseded while it ran: the newer delivery carries the row
@@ -237,6 +240,16 @@ class Agent:
             await hand_off(self.peers, next_role, msg)
         except RuntimeError as exc:
             await self._report_lost(msg, str(exc))
+
+    async def _release_sandbox(self, msg: Orchestrator) -> None:
+        """Free the row's sandbox before its slot is wanted by the next row; a failure here only
+        leaves the lease to its TTL, the row is reported anyway."""
+        if self.sandbox is None:
+            return
+        try:
+            await self.sandbox.release(msg)
+        except Exception:
+            logger.warning("could not release the sandbox of row %s", msg.id, exc_info=True)
 
     async def _run_step(self, msg: Orchestrator) -> None:
         spec = self.role_spec

@@ -37,12 +37,15 @@ from matrix_provider.runtime.progress import Reporter, print_summary
 from matrix_provider.runtime.sink import OutputError, OutputStore
 from matrix_provider.runtime.sources import InputError, Split, list_inputs, open_fs, plan_units, split_size
 from matrix_provider.runtime.spec import PipelineSpec, SpecError
+from matrix_provider.sandbox import backends as sandbox_backends
+from matrix_provider.sandbox.pool import SandboxPoolActor
 
 USAGE_ERRORS = (SpecError, InputError, OutputError, backends.BackendError)
 _POLL_S = 0.5
 _UNITS_AHEAD = 2  # units handed to a driver before its first is done: reading overlaps the tail
 _UNIT_ATTEMPTS = 3  # a unit whose driver died or failed is handed out again, this many times in all
 _BIG = 100_000  # async actors: concurrency is bounded by credits and worker counts, not by Ray
+_POOL_CLOSE_S = 10.0  # pools kill their sandboxes before they are killed (the `none` backend has no die-with-parent)
 FORWARDED_ENV = frozenset(
     {
         "AWS_ACCESS_KEY_ID",
@@ -131,6 +134,8 @@ def check_cluster_storage(store: OutputStore) -> None:
 def run(spec: PipelineSpec, *, quiet: bool = False) -> dict[str, Any]:
     started = time.time()
     pipeline = check_pipeline(spec)
+    if pipeline.uses_sandbox:
+        sandbox_backends.require(spec.sandbox)
     fs, files = list_inputs(spec.run.input, spec.io)
     store = OutputStore(spec.run.output, spec.io.storage_options, spec.io.write_retries)
     check_output_location(spec, store)
@@ -209,7 +214,10 @@ def _run_units(
             backends.probe(client_config)
         agents: dict[str, Any] = {}
         drivers: list[Any] = []
+        pools: list[Any] = []
         try:
+            if pipeline.uses_sandbox:
+                pools.extend(_start_sandbox_pools(spec, run_id))
             _start_actors(spec, run_id, lease.generation, client_config, agents, drivers)
             resumed_rows = sum(r["rows_in"] for r in records.values())
             UnitScheduler(spec, drivers, agents, lease, quiet, resumed_rows).run(todo, records)
@@ -217,6 +225,20 @@ def _run_units(
         finally:
             for actor in [*drivers, *agents.values()]:
                 ray.kill(actor, no_restart=True)
+            if pools:  # after the agents: no call starts a sandbox once its pool closed
+                ray.wait([pool.close.remote() for pool in pools], num_returns=len(pools), timeout=_POOL_CLOSE_S)
+            for pool in pools:
+                ray.kill(pool, no_restart=True)
+
+
+def _start_sandbox_pools(spec: PipelineSpec, run_id: str) -> list[Any]:
+    """The tool sandbox pools, before the agents that look them up by name; SPREAD spreads them over the nodes."""
+    return [
+        SandboxPoolActor.options(
+            name=names.sandbox_name(run_id, i), namespace=names.NAMESPACE, num_cpus=0, scheduling_strategy="SPREAD"
+        ).remote(spec.sandbox)
+        for i in range(spec.sandbox.pools)
+    ]
 
 
 def _start_actors(

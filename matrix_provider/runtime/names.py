@@ -9,3 +9,7 @@ def agent_name(run_id: str, role: str, index: int) -> str:
 
 def driver_name(run_id: str, partition: int) -> str:
     return f"matrix-{run_id}-driver-{partition}"
+
+
+def sandbox_name(run_id: str, index: int) -> str:
+    return f"matrix-{run_id}-sandbox-{index}"

@@ -34,6 +34,8 @@ class Pipeline:
     columns: pa.Schema
     output: Callable[[Orchestrator], dict[str, Any]]
     """The pipeline's own columns of a finished row (missing ones are null)."""
+    uses_sandbox: bool = False
+    """Its roles run tools through `Role.sandbox`: the run starts sandbox pools (spec `sandbox`)."""
     summarize: Callable[[pa.Table], dict[str, Any]] | None = None
     """The pipeline's own manifest figures (`summary`), from every committed row once the run is done."""
     summary_columns: tuple[str, ...] = ()

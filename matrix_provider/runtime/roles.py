@@ -7,10 +7,13 @@ plain Python, and records results on the message. It never routes: the orchestra
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from matrix_provider.llm.client import Completion, LLMClient
 from matrix_provider.runtime.orchestrator import Orchestrator
+
+if TYPE_CHECKING:
+    from matrix_provider.sandbox.client import SandboxClient
 
 
 class RowError(Exception):
@@ -18,15 +21,24 @@ class RowError(Exception):
 
 
 class Role:
-    """Base of every role. `params` are the role's knobs from the spec (`roles.<name>.params`)."""
+    """Base of every role. `params` are the role's knobs from the spec (`roles.<name>.params`);
+    `sandbox` runs tools outside this process, for pipelines with `uses_sandbox`."""
 
     uses_llm = False
 
-    def __init__(self, name: str, spec: Any, pipeline_params: dict[str, Any], llm: LLMClient | None):
+    def __init__(
+        self,
+        name: str,
+        spec: Any,
+        pipeline_params: dict[str, Any],
+        llm: LLMClient | None,
+        sandbox: SandboxClient | None = None,
+    ):
         self.name = name
         self.spec = spec
         self.params = {**pipeline_params, **spec.params}
         self.llm = llm
+        self.sandbox = sandbox
 
     async def run(self, msg: Orchestrator) -> None:
         raise NotImplementedError

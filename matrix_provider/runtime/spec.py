@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from matrix_provider.llm.spec import LLMSpec
 from matrix_provider.protocol import PIPELINES_DIR, shipped_pipelines
+from matrix_provider.sandbox.spec import SandboxSpec
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -50,6 +51,10 @@ OPERATIONAL_KEYS = frozenset(
         "split_bytes",
         "write_retries",
         "storage_options",
+        "pools",
+        "pool_size",
+        "warm",
+        "lease_ttl_s",
     }
 )
 
@@ -123,6 +128,7 @@ class PipelineSpec(_Strict):
     io: IOSpec = Field(default_factory=IOSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     llm: LLMSpec
+    sandbox: SandboxSpec = Field(default_factory=SandboxSpec)
     params: dict[str, Any] = Field(default_factory=dict, description="pipeline-wide knobs")
     run: RunSpec
 
