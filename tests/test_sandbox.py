@@ -7,6 +7,8 @@ its scratch, CPU time, hanging) and keeps a counter, so replay after a lost work
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import os
 import shutil
 import socket
@@ -22,7 +24,7 @@ import psutil
 import pytest
 
 from matrix_provider.runtime.orchestrator import Orchestrator
-from matrix_provider.runtime.spec import SpecError, compose
+from matrix_provider.runtime.spec import OPERATIONAL_KEYS, SpecError, _drop_keys, compose
 from matrix_provider.sandbox import backends
 from matrix_provider.sandbox.client import SandboxClient, lease_of, pool_index
 from matrix_provider.sandbox.pool import SandboxError, SandboxPool
@@ -231,6 +233,13 @@ def test_apptainer_argv_and_spec_checks() -> None:
     faster = compose("natural_reasoning", ["sandbox.pool_size=32", "sandbox.pools=4", "sandbox.warm=0"], run)
     assert faster.config_hash() == base.config_hash()  # operational: a rerun still resumes
     assert compose("natural_reasoning", ["sandbox.call_timeout_s=3"], run).config_hash() != base.config_hash()
+    # Outputs written before specs had a sandbox section keep their hash (and so resume).
+    without = hashlib.sha256(
+        json.dumps(
+            _drop_keys(base.model_dump(mode="json", exclude={"sandbox"}), OPERATIONAL_KEYS), sort_keys=True
+        ).encode()
+    )
+    assert base.config_hash() == without.hexdigest()[:16]
 
 
 @pytest.fixture(scope="module")

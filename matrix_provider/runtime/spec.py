@@ -133,8 +133,14 @@ class PipelineSpec(_Strict):
     run: RunSpec
 
     def config_hash(self) -> str:
-        """Hash of what decides the output's content (not its speed)."""
+        """Hash of what decides the output's content (not its speed).
+
+        A sandbox left at its defaults is not hashed, so outputs written before specs had a
+        `sandbox` section (and every pipeline that runs no tools) keep their hash and resume.
+        """
         semantic = _drop_keys(self.model_dump(mode="json"), OPERATIONAL_KEYS)
+        if semantic["sandbox"] == _drop_keys(SandboxSpec().model_dump(mode="json"), OPERATIONAL_KEYS):
+            del semantic["sandbox"]
         return hashlib.sha256(json.dumps(semantic, sort_keys=True).encode()).hexdigest()[:16]
 
 
