@@ -6,6 +6,7 @@
     matrix cluster up (--slurm | --local) [--nodes N] [--partition P] [--gpus-per-node G] ...
     matrix cluster status|down [--name NAME]
     matrix monitor [--name NAME]          write a Prometheus config for a cluster and start Prometheus
+    matrix tau2-tasks --domains D[,D] [--trials N] [--limit N] --out FILE   input rows for `matrix run tau2`
 
 Exit codes: 0 done, 2 bad spec/input/output/backend (nothing started), 1 the run failed.
 """
@@ -48,6 +49,11 @@ def _parser() -> argparse.ArgumentParser:
     monitor.add_argument("--prometheus", default="prometheus", help="the Prometheus binary")
     monitor.add_argument("--config-only", action="store_true", help="write prometheus.yml and exit")
     monitor.add_argument("--scrape-interval", type=float, default=5.0, metavar="S", help="seconds between scrapes")
+    tasks = sub.add_parser("tau2-tasks", help="write the input of `matrix run tau2`: one row per task and trial")
+    tasks.add_argument("--domains", required=True, help="comma-separated: mock, airline, retail, telecom")
+    tasks.add_argument("--trials", type=int, default=1, help="rows per task (tau2's pass^k needs k trials)")
+    tasks.add_argument("--limit", type=int, default=None, help="only the first N tasks of each domain")
+    tasks.add_argument("--out", required=True, help="JSONL file to write: local path or s3://")
     return parser
 
 
@@ -190,6 +196,20 @@ def cmd_monitor(args: argparse.Namespace) -> int:
         return _fail(str(exc))
 
 
+def cmd_tau2_tasks(args: argparse.Namespace) -> int:
+    from matrix_provider.pipelines.tau2 import write_task_file
+    from matrix_provider.pipelines.tau2_host import UnknownTask
+
+    try:
+        count = write_task_file(
+            args.out, [d.strip() for d in args.domains.split(",") if d.strip()], args.trials, args.limit
+        )
+    except UnknownTask as exc:
+        return _fail(str(exc))
+    print(f"{count} rows -> {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
@@ -199,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(args, "overrides"):
         args.overrides = [*args.overrides, *extra]
     handlers = {"run": cmd_run, "serve": cmd_serve, "status": cmd_status, "cluster": cmd_cluster}
-    handler = {**handlers, "monitor": cmd_monitor}[args.command]
+    handler = {**handlers, "monitor": cmd_monitor, "tau2-tasks": cmd_tau2_tasks}[args.command]
     return handler(args)
 
 
