@@ -1,11 +1,13 @@
-"""The benchmark's figure: runner comparison, utilization over time, and the p2p sweeps."""
+"""The benchmark's figure: the comparison at equal rows in flight, utilization over time, the
+rows-in-flight sweep, the controller-bound calls/s, and the p2p in-flight and partition sweeps."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-_COLORS = {"p2p": "#1a56db", "ray_data": "#e3a008", "central": "#9aa5b1"}
+_COLORS = {"p2p": "#1a56db", "central": "#9aa5b1", "ray_data": "#e3a008", "ray_data_fused": "#c27803"}
+_CB_COLORS = {"p2p": "#1a56db", "central": "#9aa5b1", "sharded_central": "#4b5563"}
 
 
 def _runs(results: dict[str, Any], prefix: str) -> list[dict[str, Any]]:
@@ -18,50 +20,79 @@ def plot(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
-    compare, trace, in_flight, partitions = axes.flat
+    fig, axes = plt.subplots(2, 3, figsize=(17, 9))
+    compare, trace, sweep, controller, in_flight, partitions = axes.flat
 
-    groups = [w for w in ("natural_reasoning", "coral") if _runs(results, f"{w}/")]
-    width = 0.25
-    for i, runner in enumerate(_COLORS):
-        values = [next((r["tokens_per_s"] for r in _runs(results, f"{w}/{runner}")), 0) for w in groups]
-        compare.bar(
-            [g + (i - 1) * width for g in range(len(groups))], values, width, label=runner, color=_COLORS[runner]
-        )
-    compare.set_xticks(range(len(groups)), groups)
-    compare.set_ylabel("tokens/s")
-    compare.set_title(f"same simulator, same rows, {results['concurrency']} in flight")
-    compare.legend()
+    summary = results.get("natural_reasoning", {}).get("runners", {})
+    if summary:
+        names = list(summary)
+        values = [summary[n]["completion_tokens_per_s"] for n in names]
+        low = [v - summary[n]["completion_tokens_per_s_range"][0] for n, v in zip(names, values, strict=True)]
+        high = [summary[n]["completion_tokens_per_s_range"][1] - v for n, v in zip(names, values, strict=True)]
+        compare.bar(names, values, yerr=[low, high], color=[_COLORS[n] for n in names], capsize=4)
+        capacity = next(iter(summary.values()))["backend_capacity_tokens_per_s"]
+        if capacity:
+            compare.axhline(capacity, color="#c81e1e", linestyle="--", label="backend capacity")
+            compare.legend()
+        compare.set_ylabel("completion tokens/s (median, range of 3)")
+        compare.set_title(f"natural_reasoning, {results['natural_reasoning']['rows_in_flight']} rows in flight")
+        for name in names:
+            run = next(iter(_runs(results, f"natural_reasoning/{name}#")), None)
+            if run:
+                trace.plot(run["utilization_trace"], label=name, color=_COLORS[name])
+        trace.set_ylim(0, 1.1)
+        trace.set_xlabel("seconds")
+        trace.set_ylabel("backend busy share")
+        trace.set_title("one run of each: busy share per second")
+        trace.legend()
 
-    for runner in _COLORS:
-        for run in _runs(results, f"natural_reasoning/{runner}"):
-            trace.plot(run["utilization_trace"], label=runner, color=_COLORS[runner])
-    trace.set_ylim(0, 1.1)
-    trace.set_xlabel("seconds")
-    trace.set_ylabel("backend busy share")
-    trace.set_title("natural_reasoning: backend utilization over the run")
-    trace.legend()
+    for name, found in results.get("sweep", {}).items():
+        points = sorted((int(n), u) for n, u in found["steady_by_rows_in_flight"].items())
+        sweep.plot([n for n, _ in points], [u for _, u in points], marker="o", label=name, color=_COLORS[name])
+    if results.get("sweep"):
+        sweep.axhline(0.9, color="#c81e1e", linestyle="--")
+        sweep.set_xscale("log", base=2)
+        sweep.set_xlabel("rows in flight")
+        sweep.set_ylabel("steady busy share (median second)")
+        sweep.set_title("rows in flight to keep the backend 90 % busy")
+        sweep.legend()
 
-    sweep = _runs(results, "in_flight/")
-    if sweep:
-        xs = [r["rows_in_flight"] for r in sweep]
-        in_flight.plot(xs, [r["tokens_per_s"] for r in sweep], marker="o", color=_COLORS["p2p"])
+    by_w = results.get("controller", {}).get("by_w", {})
+    if by_w:
+        ws = sorted(by_w, key=float)
+        for name, color in _CB_COLORS.items():
+            controller.plot(
+                [float(w) for w in ws], [by_w[w][name]["calls_per_s"] for w in ws], marker="o", label=name, color=color
+            )
+        controller.set_xlabel("CPU ms per step (w)")
+        controller.set_ylabel("LLM calls/s")
+        controller.set_title("controller-bound: backend never the bottleneck")
+        controller.legend()
+    else:
+        controller.axis("off")
+
+    points = [r for r in _runs(results, "in_flight/")]
+    if points:
+        xs = [r["rows_in_flight"] for r in points]
+        in_flight.plot(xs, [r["completion_tokens_per_s"] for r in points], marker="o", color=_COLORS["p2p"])
         in_flight.set_xscale("log")
         in_flight.set_xlabel("rows in flight (p2p)")
-        in_flight.set_ylabel("tokens/s")
-        rss = in_flight.twinx()
-        rss.plot(xs, [r["peak_rss_mb"] / 1000 for r in sweep], marker="s", color="#c81e1e", linestyle="--")
-        rss.set_ylabel("peak RSS, GB (dashed)")
+        in_flight.set_ylabel("completion tokens/s")
+        pss = in_flight.twinx()
+        pss.plot(xs, [r["peak_pss_mb"] / 1000 for r in points], marker="s", color="#c81e1e", linestyle="--")
+        pss.set_ylabel("peak PSS, GB (dashed)")
         in_flight.set_title("p2p: rows in flight")
+    else:
+        in_flight.axis("off")
 
     parts = _runs(results, "partitions/")
     if parts:
-        partitions.plot([r["partitions"] for r in parts], [r["tokens_per_s"] for r in parts], marker="o")
+        partitions.plot([r["partitions"] for r in parts], [r["completion_tokens_per_s"] for r in parts], marker="o")
         partitions.set_xscale("log", base=2)
         partitions.set_xlabel("partition drivers (p2p, same total in flight)")
-        partitions.set_ylabel("tokens/s")
+        partitions.set_ylabel("completion tokens/s")
         partitions.set_title("p2p: partitions")
     else:
         partitions.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=80)

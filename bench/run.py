@@ -1,11 +1,18 @@
-"""Peer-to-peer vs Ray Data batches vs a central controller, on one simulator, in one run.
+"""Peer-to-peer vs a central controller vs Ray Data (stage by stage and fused), on one simulator.
 
-    python bench/run.py [--quick] [--out FILE] [--skip-embedded]
+    python bench/run.py [--quick] [--out FILE] [--skip-embedded] [--sections a,b,...]
 
-Sections (the quick run does the first and one in-flight point):
-  compare      natural_reasoning- and coral-shaped workloads through all three runners: same rows,
-               same simulator, same concurrency; quality figures of p2p and central side by side
-  in_flight    p2p with 100 to 10,000 rows in flight (RSS reported)
+Sections (the quick run does compare, sweep, controller and model, smaller):
+  compare      natural_reasoning through every runner at equal rows in flight, 3 repetitions each in
+               random order (median and range): start-up, steady busy share, prompt and completion
+               tokens/s, PSS by process kind; quality figures side by side (coral too in the full run)
+  sweep        the fewest rows in flight at which each runner keeps the backend 90 % busy
+  controller   a backend that is never the bottleneck and CPU work in every step: calls/s of
+               central, sharded central and p2p, CPU-ms per call by process kind, the loop's lag
+  model        the discrete-event model (bench/model.py) checked against the measured points and
+               extrapolated to 32 nodes x 8 GPUs
+  units        p2p over the same rows in 1, 4 and 16 input files (a driver holds three work units)
+  in_flight    p2p with 100 to 4,000 rows in flight (memory reported)
   partitions   p2p with 1 to 16 partition drivers at the same concurrency
   offload      p2p on long coral histories, message offloading on and off
   scaling      p2p over 1, 2 and 4 simulator replicas (capacity and load scaled together)
@@ -21,6 +28,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import random
 import statistics
 import sys
 import tempfile
@@ -31,74 +40,104 @@ from pathlib import Path
 from typing import Any
 
 import ray
+import ray.data
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench import runners, workload  # noqa: E402
+from bench import model, runners, workload  # noqa: E402
 from bench.plot import plot  # noqa: E402
 from bench.sampling import Sampler  # noqa: E402
-from bench.workload import CORAL, NATURAL_REASONING, Workload  # noqa: E402
+from bench.workload import CONTROLLER_BOUND, CORAL, NATURAL_REASONING, Workload  # noqa: E402
 from matrix_provider.llm.backends import client_config, deploy  # noqa: E402
 from matrix_provider.llm.sim_server import deploy_sim  # noqa: E402
 from matrix_provider.runtime.job import backend_app_suffix  # noqa: E402
+from matrix_provider.runtime.names import NAMESPACE  # noqa: E402
 from matrix_provider.runtime.spec import compose  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
+RUNNERS = ("p2p", "central", "ray_data", "ray_data_fused")
+BUSY = 0.9  # the steady busy share a runner must keep the backend at
 QUICK = {
-    "rows": 1000,
-    "concurrency": 256,
-    "slots": 128,
-    "decode": 0.02,
-    "in_flight": [2000],
+    "rows": 300,
+    "concurrency": 128,
+    "reps": 3,
+    "ladder": [96, 128, 256, 512],
     "coral_rows": 0,
-    "sweep_rows": 1000,
+    "controller_w_ms": [8.0],
+    "controller_rows": 400,
+    "in_flight": [],
+    "sweep_rows": 300,
 }
 FULL = {
-    "rows": 2500,
-    "concurrency": 256,
-    "slots": 128,
-    "decode": 0.02,
-    "in_flight": [100, 1000, 10000],
-    "coral_rows": 250,
-    "sweep_rows": 1200,
+    "rows": 600,
+    "concurrency": 128,
+    "reps": 3,
+    "ladder": [64, 96, 128, 192, 256, 384, 512, 1024, 2048],
+    "coral_rows": 150,
+    "controller_w_ms": [0.0, 0.5, 1.0, 2.0, 4.0, 8.0],
+    "controller_rows": 600,
+    "in_flight": [100, 1000, 4000],
+    "sweep_rows": 600,
 }
+# The backend-bound simulator: a vLLM-like replica (step time grows with batch and context) with 64
+# sequence slots, ~1 s calls, prefill at 5 us a prompt token: ~70 calls/s at full batch, which the 2
+# cores here can drive. The controller-bound one: 4,096 slots and ~10 ms calls, never the bottleneck.
+BACKEND = {"slots": 64, "decode": 0.0, "output_mean": 64, "model": "vllm-like", "prefill": 5e-6}
+UNBOUND = {"slots": 4096, "decode": 0.001, "output_mean": 8, "model": "sim", "prefill": 0.0}
 
 
 class Bench:
-    """One simulator, one scratch directory, the figures collected so far."""
+    """One scratch directory, the simulator of the section, the figures collected so far."""
 
     def __init__(self, size: dict[str, Any]):
         self.size = size
         self.work = Path(tempfile.mkdtemp(prefix="matrix-bench-"))
         self.results: dict[str, Any] = {"rows": size["rows"], "concurrency": size["concurrency"], "runs": []}
-        self._corpora: dict[int, Path] = {}
+        self._corpora: dict[tuple[int, Any], Path] = {}
+        self._sims: set[tuple[str, int]] = set()
 
-    def corpus(self, rows: int) -> Path:
-        if rows not in self._corpora:
-            self._corpora[rows] = workload.write_corpus(self.work / f"in-{rows}", rows)
-        return self._corpora[rows]
+    def corpus(self, rows: int, kb: tuple[float, float] | None = None) -> Path:
+        if (rows, kb) not in self._corpora:
+            self._corpora[rows, kb] = workload.write_corpus(self.work / f"in-{rows}-{kb}", rows, kb=kb)
+        return self._corpora[rows, kb]
 
     def backend(
-        self, wl: Workload, replicas: int = 1, output_mean: int = 48, decode: float | None = None
+        self, wl: Workload, replicas: int = 1, output_mean: int | None = None, decode: float | None = None, **sim: Any
     ) -> tuple[list[str], Any, str]:
-        """(overrides, client config, simulator name) for the workload on this run's simulator
-        (`decode` seconds per token instead of the run's, if given)."""
-        decode = self.size["decode"] if decode is None else decode
-        sim = workload.sim_spec(self.size["slots"], decode, replicas, output_mean)
-        overrides = workload.overrides(sim, wl)
+        """(overrides, client config, simulator name) for the workload on a simulator (BACKEND unless
+        told otherwise); the simulators of earlier sections are stopped, so they are not measured."""
+        b = {**BACKEND, **sim}
+        if output_mean is not None:
+            b["output_mean"] = output_mean
+        if decode is not None:  # a fixed time per token: the per-request model
+            b.update(decode=decode, model="sim")
+        spec_ = workload.sim_spec(
+            b["slots"], b["decode"], replicas, b["output_mean"], model=b["model"], prefill_s=b["prefill"]
+        )
+        overrides = workload.overrides(spec_, wl)
         spec = compose(wl.spec, overrides, {"input": "-", "output": "-"})
         name = f"matrix-sim-{backend_app_suffix(spec)}"
+        for old, n in self._sims - {(name, replicas)}:
+            for i in range(n):
+                ray.kill(ray.get_actor(f"{old}-{i}", namespace=NAMESPACE))
+        self._sims = {(name, replicas)}
         return overrides, client_config(spec.llm, deploy_sim(spec.llm, name)), name
 
     def measure(
-        self, label: str, sim: str, replicas: int, fn: Callable[[], tuple[runners.Rows, float]]
+        self,
+        label: str,
+        sim: str,
+        replicas: int,
+        fn: Callable[[], tuple[runners.Rows, float]],
+        in_flight_share: float = 0.2,
     ) -> dict[str, Any]:
-        with Sampler(sim, replicas) as sampler:
+        with Sampler(sim, replicas, in_flight_share) as sampler:
             rows, wall = fn()
         latencies = sorted(r[1] for r in rows.values())
         tokens = sum(r[2] for r in rows.values())
         statuses = Counter(r[0] for r in rows.values())
+        memory = sampler.memory()
         fig = {
             "runner": label,
             "rows": len(rows),
@@ -106,19 +145,24 @@ class Bench:
             "tokens_per_s": round(tokens / wall, 1),
             "rows_per_s": round(len(rows) / wall, 1),
             **sampler.utilization(),
-            "backend_capacity_tokens_per_s": sampler.capacity_tokens_per_s,
+            "backend_capacity_tokens_per_s": round(sampler.capacity_tokens_per_s or 0, 1) or None,
+            "calls_per_s": sampler.calls_per_s(),
+            "cpu_ms_per_call": sampler.cpu_ms_per_call(),
+            "foreign_cores": sampler.foreign_cores(),
             "p50_latency_s": round(statistics.median(latencies), 2) if latencies else None,
             "p99_latency_s": round(latencies[int(0.99 * (len(latencies) - 1))], 2) if latencies else None,
             "ok": statuses["ok"],
             "filtered": statuses["filtered"],
             "error": statuses["error"],
-            "peak_rss_mb": round(sampler.peak_mb, 1),
-            "peak_rss_mb_by_kind": {k: round(v, 1) for k, v in sorted(sampler.peak_by_kind.items())},
+            "peak_rss_mb": memory["peak_pss_mb"],  # kept for older readers: summed PSS, not RSS, since issue 13
+            **memory,
         }
         print(
-            f"  {label:<26} {fig['tokens_per_s']:>9,.0f} tok/s  util {fig['backend_utilization']:.2f} "
-            f"(median s {fig['backend_utilization_median_s']:.2f}, startup {fig['startup_s']}s)  "
-            f"p50 {fig['p50_latency_s']}s  p99 {fig['p99_latency_s']}s  rss {fig['peak_rss_mb']:,.0f} MB",
+            f"  {label:<30} {fig['tokens_per_s']:>8,.0f} tok/s ({fig['completion_tokens_per_s']:>6,.0f} completion)"
+            f"  util {fig['backend_utilization']:.2f} steady {fig['backend_utilization_median_s']:.2f}"
+            f"  start-up {fig['startup_s']}s  {fig['calls_per_s']} calls/s  wall {fig['wall_s']}s"
+            f"  others' cores {fig['foreign_cores']}"
+            f"  pss {fig['peak_pss_mb']:,.0f} MB",
             flush=True,
         )
         self.results["runs"].append(fig)
@@ -126,35 +170,112 @@ class Bench:
         return fig
 
     # -- sections ----------------------------------------------------------------------------------
-    def compare(self, wl: Workload, rows_n: int, concurrency: int, warm_up: bool = True) -> dict[str, Any]:
+    def runner(self, name: str, wl: Workload, n: int, overrides: list[str], config: Any) -> Callable[[Path], Any]:
+        """Runner `name` at `n` rows in flight, as a function of the corpus: p2p with one partition
+        driver (two from 512 rows in flight) and one agent per role."""
+        parts = 2 if n >= 512 else 1
+        one_each = tuple(f"roles.{r}.replicas=1" for r in set(wl.stages))
+        out = self.work / f"out-{wl.name}-{n}"
+        return {
+            "p2p": lambda c: runners.run_p2p(wl, c, out, overrides, parts, n // parts, one_each),
+            "central": lambda c: runners.run_central(wl, c, config, overrides, n),
+            "ray_data": lambda c: runners.run_ray_data(wl, c, config, overrides, n),
+            "ray_data_fused": lambda c: runners.run_ray_data_fused(wl, c, config, overrides, n),
+        }[name]
+
+    def compare(self, wl: Workload, rows_n: int, reps: int) -> dict[str, Any]:
+        """Every runner at the same rows in flight, `reps` times each in a random order (seeded,
+        recorded); figures are medians with their range."""
+        n = self.size["concurrency"]
         overrides, config, sim = self.backend(wl)
         corpus = self.corpus(rows_n)
-        warm = self.corpus(64)
-        print(
-            f"{wl.name}: {rows_n} rows, {concurrency} in flight"
-            + (" (64 rows through each runner first)" if warm_up else "")
-        )
-        one_each = tuple(f"roles.{r}.replicas=1" for r in set(wl.stages))
-        runs = {
-            "p2p": lambda c: runners.run_p2p(
-                wl, c, self.work / f"out-{wl.name}", overrides, 2, concurrency // 2, one_each
-            ),
-            "ray_data": lambda c: runners.run_ray_data(wl, c, config, overrides, concurrency),
-            "central": lambda c: runners.run_central(wl, c, config, overrides, concurrency),
-        }
-        figs = {}
-        for name, fn in runs.items():
-            if warm_up:
-                fn(warm)
-            figs[name] = self.measure(f"{wl.name}/{name}", sim, 1, lambda fn=fn: fn(corpus))
+        order = [name for name in RUNNERS for _ in range(reps)]
+        random.Random(len(self.results["runs"])).shuffle(order)
+        print(f"{wl.name}: {rows_n} rows, {n} in flight, {reps} runs each in the order {order}")
+        self.runner("central", wl, 16, overrides, config)(self.corpus(32))  # this process's imports, warm
+        figs: dict[str, list[dict[str, Any]]] = {name: [] for name in RUNNERS}
+        for i, name in enumerate(order):
+            fn = self.runner(name, wl, n, overrides, config)
+            fig = self.measure(f"{wl.name}/{name}#{i}", sim, 1, lambda fn=fn: fn(corpus), n / rows_n)
+            fig["rows_in_flight"] = n
+            figs[name].append(fig)
+        summary = {name: summarize(runs) for name, runs in figs.items()}
         return {
-            "p2p_over_ray_data": round(figs["p2p"]["tokens_per_s"] / figs["ray_data"]["tokens_per_s"], 2),
-            "p2p_over_central": round(figs["p2p"]["tokens_per_s"] / figs["central"]["tokens_per_s"], 2),
-            "quality": {name: quality(fig["_rows"]) for name, fig in figs.items()},
-            "figures": figs,
+            "rows_in_flight": n,
+            "order": order,
+            "p2p_over_ray_data": ratio(summary, "p2p", "ray_data"),
+            "p2p_over_ray_data_fused": ratio(summary, "p2p", "ray_data_fused"),
+            "p2p_over_central": ratio(summary, "p2p", "central"),
+            "runners": summary,
+            "quality": {name: quality(runs[0]["_rows"]) for name, runs in figs.items()},
         }
 
-    def in_flight(self, values: list[int]) -> int:
+    def sweep(self, wl: Workload, at: dict[str, Any]) -> dict[str, Any]:
+        """The fewest rows in flight on the ladder that keep the backend at least 90 % busy in the
+        steady state, per runner: `compare` gave the figure at its rows in flight, so the ladder is
+        walked down from there if that reached 90 %, else up until a point does."""
+        overrides, config, sim = self.backend(wl)
+        n0, ladder = at["rows_in_flight"], self.size["ladder"]
+        out: dict[str, Any] = {}
+        for name in RUNNERS:
+            points = {n0: at["runners"][name]["steady_utilization"]}
+            reached = points[n0] >= BUSY
+            walk = [n for n in ladder if n < n0] if reached else [n for n in ladder if n > n0]
+            for n in walk:
+                rows_n = max(self.size["sweep_rows"], 2 * n)
+                fn = self.runner(name, wl, n, overrides, config)
+                fig = self.measure(f"sweep/{name}@{n}", sim, 1, lambda fn=fn, r=rows_n: fn(self.corpus(r)), n / rows_n)
+                fig["rows_in_flight"] = n
+                points[n] = fig["backend_utilization_median_s"]
+                if (points[n] >= BUSY) == (not reached):
+                    break
+            busy = sorted(n for n, u in points.items() if u >= BUSY)
+            out[name] = {"rows_in_flight_for_90pct": busy[0] if busy else None, "steady_by_rows_in_flight": points}
+        return out
+
+    def units(self, files: list[int], rows_n: int) -> dict[str, float]:
+        """p2p at the comparison's rows in flight over the same rows in 1, 4 or 16 files: the steady
+        busy share, since a driver holds at most three work units (a file or a split of one), so
+        small units cap the rows it keeps in flight."""
+        overrides, config, sim = self.backend(NATURAL_REASONING)
+        n = self.size["concurrency"]
+        out = {}
+        for f in files:
+            corpus = workload.write_corpus(self.work / f"in-units-{f}", rows_n, files=f)
+            fn = self.runner("p2p", NATURAL_REASONING, n, overrides, config)
+            fig = self.measure(f"units/p2p@{f}-files", sim, 1, lambda fn=fn, c=corpus: fn(c), n / rows_n)
+            out[str(f)] = fig["backend_utilization_median_s"]
+        return out
+
+    def controller(self, w_values: list[float], rows_n: int) -> dict[str, Any]:
+        """Controller-bound: a backend with 4,096 slots and ~10 ms calls, `w` ms of CPU in each step,
+        2-40 KB histories; central in one process, central sharded over two, p2p; 256 rows in flight."""
+        corpus = self.corpus(rows_n, kb=(2.0, 40.0))
+        out: dict[str, Any] = {"rows_in_flight": 256, "by_w": {}}
+        for w in w_values:
+            overrides, config, sim = self.backend(CONTROLLER_BOUND, **UNBOUND)
+            overrides = [*overrides, f"params.cpu_ms={w}"]
+            figs = {}
+            for name in ("central", "sharded_central", "p2p"):
+                lags: list[float] = []
+                fn = controller_runner(name, corpus, self.work / f"out-cb-{w}", overrides, config, lags)
+                fig = self.measure(f"controller/{name}@w={w:g}ms", sim, 1, fn, 256 / rows_n)
+                figs[name] = {
+                    "calls_per_s": fig["calls_per_s"],
+                    "prompt_tokens_per_call": fig["prompt_tokens_per_call"],
+                    "completion_tokens_per_call": fig["completion_tokens_per_call"],
+                    "cpu_ms_per_call": fig["cpu_ms_per_call"],
+                    "backend_utilization": fig["backend_utilization"],
+                    "foreign_cores": fig["foreign_cores"],
+                    "startup_s": fig["startup_s"],
+                    "error": fig["error"],
+                }
+                if lags:
+                    figs[name]["loop_lag_p99_ms"] = round(1000 * sorted(lags)[int(0.99 * (len(lags) - 1))], 1)
+            out["by_w"][f"{w:g}"] = figs
+        return out
+
+    def in_flight(self, values: list[int]) -> None:
         overrides, _, sim = self.backend(NATURAL_REASONING)
         for n in values:
             rows_n = max(n, self.size["sweep_rows"])
@@ -166,9 +287,9 @@ class Bench:
                 lambda n=n, r=rows_n, p=partitions: runners.run_p2p(
                     NATURAL_REASONING, self.corpus(r), self.work / f"out-if-{n}", overrides, p, n // p
                 ),
+                n / rows_n,
             )
             fig["rows_in_flight"] = n
-        return max(values)
 
     def partitions(self, values: list[int]) -> None:
         overrides, _, sim = self.backend(NATURAL_REASONING)
@@ -274,6 +395,17 @@ class Bench:
         return results
 
 
+def controller_runner(
+    name: str, corpus: Path, out: Path, overrides: list[str], config: Any, lags: list[float]
+) -> Callable[[], tuple[runners.Rows, float]]:
+    """A controller-bound runner at 256 rows in flight; the central ones put their loop's lags in `lags`."""
+    wl = CONTROLLER_BOUND
+    if name == "p2p":
+        return lambda: runners.run_p2p(wl, corpus, out, overrides, 2, 128)
+    processes = 2 if name == "sharded_central" else 1
+    return lambda: runners.run_central_processes(wl, corpus, config, overrides, 256, processes, lags)
+
+
 def steps_of(result: runners.Result) -> int:
     """LLM steps a natural_reasoning row took (filter, +score, +question), from how it ended."""
     status, _, _, extra = result
@@ -300,11 +432,46 @@ def quality(rows: runners.Rows) -> dict[str, Any]:
     return out
 
 
-def saturation(runs: list[dict[str, Any]], rows_in_flight: int) -> dict[str, Any]:
-    """Backend utilization of the run with the most rows in flight: the issue's 85 % is asked there."""
-    run = next(r for r in runs if r.get("rows_in_flight") == rows_in_flight)
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median and range over the repetitions of one runner."""
+    keys = (
+        "tokens_per_s",
+        "completion_tokens_per_s",
+        "prompt_tokens_per_s",
+        "backend_utilization",
+        "backend_utilization_median_s",
+        "startup_s",
+        "p50_latency_s",
+        "p99_latency_s",
+        "peak_pss_mb",
+    )
+    out: dict[str, Any] = {}
+    for key in keys:
+        values = [r[key] for r in runs]
+        out[key] = round(statistics.median(values), 3)
+        out[f"{key}_range"] = [min(values), max(values)]
+    out["steady_utilization"] = out["backend_utilization_median_s"]
+    last = runs[-1]
+    for key in ("backend_capacity_tokens_per_s", "prompt_tokens_per_call", "completion_tokens_per_call"):
+        out[key] = last[key]
+    kinds = {k for r in runs for k in r["cpu_ms_per_call"]}
+    out["foreign_cores"] = round(statistics.median(r["foreign_cores"] for r in runs), 2)
+    out["cpu_ms_per_call"] = {
+        k: round(statistics.median(r["cpu_ms_per_call"].get(k, 0.0) for r in runs), 3) for k in kinds
+    }
+    out["peak_pss_mb_by_kind"] = max((r["peak_pss_mb_by_kind"] for r in runs), key=lambda m: sum(m.values()))
+    return out
+
+
+def ratio(summary: dict[str, Any], a: str, b: str) -> float:
+    return round(summary[a]["tokens_per_s"] / summary[b]["tokens_per_s"], 2)
+
+
+def saturation(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The p2p run with the most rows in flight: the issue's 85 % busy is asked there."""
+    run = max((r for r in runs if "p2p" in r["runner"] and "rows_in_flight" in r), key=lambda r: r["rows_in_flight"])
     keys = ("backend_utilization", "backend_utilization_after_startup", "backend_utilization_median_s", "startup_s")
-    return {"rows_in_flight": rows_in_flight, **{k: run[k] for k in keys}}
+    return {"rows_in_flight": run["rows_in_flight"], "peak_pss_mb": run["peak_pss_mb"], **{k: run[k] for k in keys}}
 
 
 def print_table(res: dict[str, Any]) -> None:
@@ -329,50 +496,84 @@ def print_table(res: dict[str, Any]) -> None:
     Console(width=160).print(table)
 
 
+SECTIONS = ("compare", "sweep", "controller", "model", "units", "in_flight", "partitions", "offload", "scaling", "hop")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="the main comparison only, smaller: under 5 minutes")
+    parser.add_argument("--quick", action="store_true", help="smaller, the first four sections only: under 6 minutes")
     parser.add_argument("--out", type=Path, help="write the figures here (default bench/results/<timestamp>.json)")
     parser.add_argument("--skip-embedded", action="store_true", help="leave out the real-model quality run")
+    parser.add_argument("--sections", help="comma-separated sections to run (default: all of the mode's)")
     args = parser.parse_args()
     size = QUICK if args.quick else FULL
+    chosen = set(args.sections.split(",")) if args.sections else set(SECTIONS[:4] if args.quick else SECTIONS)
     ray.init(
         address="local",
         include_dashboard=False,
         log_to_driver=False,
         runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
     )
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     bench = Bench(size)
     res = bench.results
     started = time.monotonic()
-    main_cmp = bench.compare(NATURAL_REASONING, size["rows"], size["concurrency"])
-    figs = main_cmp.pop("figures")
-    res["natural_reasoning"] = main_cmp
-    if size["coral_rows"]:
-        res["coral"] = bench.compare(CORAL, size["coral_rows"], size["concurrency"], warm_up=False)  # warm by now
-        res["coral"].pop("figures")
-    res["max_rows_in_flight"] = bench.in_flight(size["in_flight"])
-    if not args.quick:
+    if "compare" in chosen:
+        main_cmp = bench.compare(NATURAL_REASONING, size["rows"], size["reps"])
+        res["natural_reasoning"] = main_cmp
+        summary = main_cmp["runners"]
+        res.update(
+            {
+                "p2p_tokens_per_s": summary["p2p"]["tokens_per_s"],
+                "ray_data_tokens_per_s": summary["ray_data"]["tokens_per_s"],
+                "ray_data_fused_tokens_per_s": summary["ray_data_fused"]["tokens_per_s"],
+                "central_tokens_per_s": summary["central"]["tokens_per_s"],
+                "completion_tokens_per_s": {k: v["completion_tokens_per_s"] for k, v in summary.items()},
+                "prompt_tokens_per_s": {k: v["prompt_tokens_per_s"] for k, v in summary.items()},
+                "backend_utilization": summary["p2p"]["backend_utilization"],
+                "backend_utilization_median_s": summary["p2p"]["backend_utilization_median_s"],
+                "backend_capacity_tokens_per_s": summary["p2p"]["backend_capacity_tokens_per_s"],
+                "p2p_startup_s": summary["p2p"]["startup_s"],
+                "startup_s": {k: v["startup_s"] for k, v in summary.items()},
+                "steady_utilization": {k: v["steady_utilization"] for k, v in summary.items()},
+            }
+        )
+        if "sweep" in chosen:
+            res["sweep"] = bench.sweep(NATURAL_REASONING, main_cmp)
+            res["rows_in_flight_for_90pct"] = {k: v["rows_in_flight_for_90pct"] for k, v in res["sweep"].items()}
+        if size["coral_rows"]:
+            res["coral"] = bench.compare(CORAL, size["coral_rows"], 1)
+    if "controller" in chosen:
+        res["controller"] = bench.controller(size["controller_w_ms"], size["controller_rows"])
+        w = max(size["controller_w_ms"])
+        at = res["controller"]["by_w"][f"{w:g}"]
+        res["controller_bound"] = {"w_ms": w, **{f"{k}_calls_per_s": v["calls_per_s"] for k, v in at.items()}}
+    if "units" in chosen:
+        res["units_steady_utilization"] = bench.units([1, 4, 16], size["rows"])
+    if "in_flight" in chosen:
+        bench.in_flight(size["in_flight"])
+    if "partitions" in chosen:
         bench.partitions([1, 4, 16])
+    if "offload" in chosen:
         bench.offload(60)
+    if "scaling" in chosen:
         bench.scaling([1, 2, 4])
+    if "hop" in chosen:
         res["hop"] = bench.hop(150)
         print(f"  hop: {res['hop']}")
-        if not args.skip_embedded:
-            res["embedded_quality"] = bench.embedded(60)
-    res.update(
-        {
-            "p2p_tokens_per_s": figs["p2p"]["tokens_per_s"],
-            "ray_data_tokens_per_s": figs["ray_data"]["tokens_per_s"],
-            "central_tokens_per_s": figs["central"]["tokens_per_s"],
-            "backend_utilization": figs["p2p"]["backend_utilization"],
-            "backend_utilization_median_s": figs["p2p"]["backend_utilization_median_s"],
-            "backend_capacity_tokens_per_s": figs["p2p"]["backend_capacity_tokens_per_s"],
-            "peak_rss_mb": max(r["peak_rss_mb"] for r in res["runs"]),
-            "saturation": saturation(res["runs"], res["max_rows_in_flight"]),
-            "bench_minutes": round((time.monotonic() - started) / 60, 1),
-        }
-    )
+    if not args.quick and not args.sections and not args.skip_embedded:
+        res["embedded_quality"] = bench.embedded(60)
+    p2p_runs = [r for r in res["runs"] if "p2p" in r["runner"] and "rows_in_flight" in r]
+    if p2p_runs:
+        res["max_rows_in_flight"] = max(r["rows_in_flight"] for r in p2p_runs)
+        res["saturation"] = saturation(res["runs"])
+    if res["runs"]:
+        res["peak_rss_mb"] = res["peak_pss_mb"] = res.get("saturation", {}).get("peak_pss_mb")
+    if "model" in chosen:
+        res["model"] = model.evaluate(res)
+        print(f"  model: {json.dumps(res['model'].get('extrapolation', {}))}")
+    res["bench_minutes"] = round((time.monotonic() - started) / 60, 1)
     for run in res["runs"]:
         run.pop("_rows", None)
     RESULTS.mkdir(exist_ok=True)
@@ -383,7 +584,7 @@ def main() -> None:
         (RESULTS / "latest.json").write_text(text)
     plot(res, out.with_suffix(".png") if args.out else RESULTS / "latest.png")
     print_table(res)
-    print(json.dumps({k: v for k, v in res.items() if k != "runs"}, indent=2))
+    print(json.dumps({k: v for k, v in res.items() if k not in ("runs", "model")}, indent=2))
     ray.shutdown()
 
 

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import multiprocessing
 import pickle
 import time
+import zlib
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -89,35 +92,98 @@ async def _step(role: Any, msg: Orchestrator) -> str | None:
     return None if msg.done else msg.route(role.name)
 
 
+async def _central(
+    pipeline: Pipeline, spec: PipelineSpec, rows: list[dict[str, Any]], config: ClientConfig, concurrency: int
+) -> tuple[Rows, list[float]]:
+    """Every row through every step in this event loop, a semaphore bounding rows in flight; also
+    the loop's lag (how late a 10 ms timer fires), which is what a busy controller adds to every step."""
+    client = LLMClient(config)
+    roles = _roles(pipeline, spec, client)
+    gate = asyncio.Semaphore(concurrency)
+    lags: list[float] = []
+
+    async def watch() -> None:
+        while True:
+            before = time.monotonic()
+            await asyncio.sleep(0.01)
+            lags.append(time.monotonic() - before - 0.01)
+
+    async def one(row: dict[str, Any]) -> tuple[str, Result]:
+        async with gate:
+            started = time.monotonic()
+            msg = pipeline.orchestrator(id=row["id"], partition=0, delivery=1, deadline=0.0, row=row)
+            role = msg.route(None)
+            while role is not None:
+                role = await _step(roles[role], msg)
+            return row["id"], _result(pipeline, output_row(pipeline, msg), time.monotonic() - started)
+
+    watcher = asyncio.create_task(watch())
+    results = dict(await asyncio.gather(*(one(r) for r in rows)))
+    watcher.cancel()
+    await client.aclose()
+    return results, lags
+
+
 def run_central(
-    workload: Workload, corpus: Path, config: ClientConfig, sim_overrides: list[str], concurrency: int
+    workload: Workload,
+    corpus: Path,
+    config: ClientConfig,
+    sim_overrides: list[str],
+    concurrency: int,
+    lags: list[float] | None = None,
 ) -> tuple[Rows, float]:
     """One asyncio process drives every row through every step, a semaphore bounding rows in flight
-    (the way Coral's and Tau2's reference drivers are written)."""
+    (the way Coral's and Tau2's reference drivers are written); the loop's lags go to `lags`."""
     spec = _spec(workload, sim_overrides)
-    pipeline = load_pipeline(spec.pipeline)
-    rows = _load(corpus)
-
-    async def main() -> Rows:
-        client = LLMClient(config)
-        roles = _roles(pipeline, spec, client)
-        gate = asyncio.Semaphore(concurrency)
-
-        async def one(row: dict[str, Any]) -> tuple[str, Result]:
-            async with gate:
-                started = time.monotonic()
-                msg = pipeline.orchestrator(id=row["id"], partition=0, delivery=1, deadline=0.0, row=row)
-                role = msg.route(None)
-                while role is not None:
-                    role = await _step(roles[role], msg)
-                return row["id"], _result(pipeline, output_row(pipeline, msg), time.monotonic() - started)
-
-        results = dict(await asyncio.gather(*(one(r) for r in rows)))
-        await client.aclose()
-        return results
-
     started = time.monotonic()
-    results = asyncio.run(main())
+    results, seen = asyncio.run(_central(load_pipeline(spec.pipeline), spec, _load(corpus), config, concurrency))
+    if lags is not None:
+        lags.extend(seen)
+    return results, time.monotonic() - started
+
+
+def _central_shard(
+    workload: Workload,
+    corpus: Path,
+    config: ClientConfig,
+    sim_overrides: list[str],
+    concurrency: int,
+    shard: int,
+    shards: int,
+) -> tuple[Rows, list[float]]:
+    """One shard process: the rows whose id hashes to `shard`."""
+    spec = _spec(workload, sim_overrides)
+    rows = [r for r in _load(corpus) if zlib.crc32(str(r["id"]).encode()) % shards == shard]
+    return asyncio.run(_central(load_pipeline(spec.pipeline), spec, rows, config, concurrency))
+
+
+def run_central_processes(
+    workload: Workload,
+    corpus: Path,
+    config: ClientConfig,
+    sim_overrides: list[str],
+    concurrency: int,
+    processes: int,
+    lags: list[float] | None = None,
+) -> tuple[Rows, float]:
+    """The central controller in `processes` fresh processes, rows split by a hash of their id and
+    `concurrency` shared among them: 1 is the plain controller off this (sampling) process, 2 the
+    sharded one."""
+    started = time.monotonic()
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(processes, mp_context=context) as pool:
+        futures = [
+            pool.submit(
+                _central_shard, workload, corpus, config, sim_overrides, concurrency // processes, shard, processes
+            )
+            for shard in range(processes)
+        ]
+        results: Rows = {}
+        for future in futures:
+            rows, seen = future.result()
+            results.update(rows)
+            if lags is not None:
+                lags.extend(seen)
     return results, time.monotonic() - started
 
 
@@ -188,4 +254,55 @@ def run_ray_data(
             msg.finish("error", f"still routed to {msg.next_role!r} after the last unrolled stage")
         latency = msg.__dict__.get("t_done", time.time()) - t0
         rows[msg.id] = _result(pipeline, output_row(pipeline, msg), latency)
+    return rows, wall
+
+
+class _FusedUDF:
+    """Ray Data with the stages fused: one async UDF runs each row's whole conversation, so the
+    only barrier left is the batch's (its slowest conversation)."""
+
+    def __init__(self, workload: Workload, config: ClientConfig, sim_overrides: list[str]):
+        self.spec = _spec(workload, sim_overrides)
+        self.pipeline = load_pipeline(self.spec.pipeline)
+        self.roles = _roles(self.pipeline, self.spec, LLMClient(config))
+
+    async def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        async def one(row: dict[str, Any]) -> bytes:
+            msg = self.pipeline.orchestrator(id=row["id"], partition=0, delivery=1, deadline=0.0, row=row)
+            role = msg.route(None)
+            while role is not None:
+                role = await _step(self.roles[role], msg)
+            msg.__dict__["t_done"] = time.time()
+            return pickle.dumps(msg)
+
+        return {"msg": list(await asyncio.gather(*(one(json.loads(r)) for r in batch["row"]))), "t0": batch["t0"]}
+
+
+def run_ray_data_fused(
+    workload: Workload,
+    corpus: Path,
+    config: ClientConfig,
+    sim_overrides: list[str],
+    concurrency: int,
+    batch_size: int = 16,
+) -> tuple[Rows, float]:
+    """Ray Data as a user would write it for agents: one `map_batches` with an async UDF per row's
+    whole conversation, `concurrency` rows in flight (batches in flight x batch size) on one actor."""
+    import ray.data
+
+    spec = _spec(workload, sim_overrides)
+    pipeline = load_pipeline(spec.pipeline)
+    started = time.monotonic()
+    t0 = time.time()
+    items = [{"row": json.dumps(row), "t0": t0} for row in _load(corpus)]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items) // batch_size)).map_batches(
+        _FusedUDF,
+        fn_constructor_args=(workload, config, sim_overrides),
+        batch_size=batch_size,
+        compute=ray.data.ActorPoolStrategy(size=1, max_concurrent_calls_per_actor=max(1, concurrency // batch_size)),
+        num_cpus=0,
+    )
+    finished = [pickle.loads(r["msg"]) for r in ds.take_all()]
+    wall = time.monotonic() - started
+    rows = {msg.id: _result(pipeline, output_row(pipeline, msg), msg.__dict__["t_done"] - t0) for msg in finished}
     return rows, wall

@@ -12,6 +12,7 @@ same rows and simulator replicas, so they do the same work.
 from __future__ import annotations
 
 import json
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +77,12 @@ NATURAL_REASONING = Workload(
     (1.0, 0.5, 0.25),  # the classifier keeps half; a 0-5 score is >= 3 for half of those
     ("roles.question.max_tokens=512", "roles.filter.max_tokens=512", "roles.score.max_tokens=512"),
 )
+CONTROLLER_BOUND = Workload(
+    "controller_bound",
+    str(BENCH / "controller_bound.yaml"),
+    ("a", "b", "a", "b"),
+    (1.0, 1.0, 1.0, 1.0),
+)
 CORAL = Workload(
     "coral",
     str(BENCH / "coral_shaped.yaml"),
@@ -84,26 +91,48 @@ CORAL = Workload(
 )
 
 
-def write_corpus(directory: Path, rows: int, files: int = 16, seed: int = 0) -> Path:
-    """`rows` documents over `files` JSONL shards (a snapshot is many files, as in DCLM)."""
+def write_corpus(
+    directory: Path, rows: int, files: int = 1, seed: int = 0, kb: tuple[float, float] | None = None
+) -> Path:
+    """`rows` documents over `files` JSONL shards: 160-400 words each, or log-uniform between `kb`
+    kilobytes (the controller-bound histories). One file by default, split by the runtime into a
+    unit per partition: a DCLM shard holds far more rows than a driver keeps in flight, and a
+    driver holds at most three units, so small files would cap p2p's rows in flight (the `units`
+    section measures that)."""
     rng = random.Random(seed)
     directory.mkdir(parents=True, exist_ok=True)
     outs = [(directory / f"shard-{i:03d}.jsonl").open("w") for i in range(files)]
     for i in range(rows):
-        text = f"Document {i}. " + " ".join(rng.choice(_WORDS) for _ in range(rng.randint(160, 400)))
+        if kb is None:
+            words = [rng.choice(_WORDS) for _ in range(rng.randint(160, 400))]
+        else:
+            size = 1000 * math.exp(rng.uniform(math.log(kb[0]), math.log(kb[1])))
+            words = [rng.choice(_WORDS) for _ in range(int(size / 5))]  # 5 characters a word with its space
+        text = f"Document {i}. " + " ".join(words)
         outs[i % files].write(json.dumps({"id": f"doc-{i}", "text": text}) + "\n")
     for out in outs:
         out.close()
     return directory
 
 
-def sim_spec(slots: int, decode_s: float, replicas: int = 1, output_mean: int = 48, seed: int = 0) -> SimSpec:
+def sim_spec(
+    slots: int,
+    decode_s: float,
+    replicas: int = 1,
+    output_mean: int = 48,
+    seed: int = 0,
+    model: str = "sim",
+    prefill_s: float = 0.0,
+) -> SimSpec:
+    """The simulator; `model="vllm-like"` replaces the fixed `decode_s` per token with the GPU-like
+    step model (matrix_provider/llm/sim.py)."""
     return SimSpec(
         backend="sim",
+        model=model,
         slots=slots,
         replicas=replicas,
         decode_s_per_token=decode_s,
-        prefill_s_per_token=0.0,
+        prefill_s_per_token=prefill_s,
         output_tokens_mean=output_mean,
         output_tokens_sigma=1.0,
         output_tokens_max=1024,
@@ -117,6 +146,7 @@ def sim_spec(slots: int, decode_s: float, replicas: int = 1, output_mean: int = 
 def overrides(spec: SimSpec, workload: Workload) -> list[str]:
     """The simulator `spec` and the workload's settings as `matrix run` overrides."""
     keys = (
+        "model",
         "slots",
         "replicas",
         "decode_s_per_token",
