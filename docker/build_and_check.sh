@@ -6,7 +6,7 @@
 #   docker/build_and_check.sh requirements --check   fail if that file differs from uv.lock's export
 #
 # No registry can be reached from here, so rayproject/ray is replaced by a stand-in made on this machine:
-#   1. docker/requirements-runtime.txt  <- `uv export` of uv.lock (runtime, embedded, s3 extras, hashes)
+#   1. docker/requirements-runtime.txt  <- `uv export` of uv.lock (runtime, embedded, s3, tau2 extras, hashes)
 #   2. a wheelhouse for it (wheels and one sdist), downloaded on the host by pip in a Python 3.11 venv (cp311 manylinux wheels;
 #      the stand-in's Python is Debian 12's 3.11.2, the host's 3.11.7: same ABI, so the wheels fit)
 #   3. localhost/matrix-debian:bookworm  <- debootstrap --variant=minbase from the host's Debian mirror
@@ -28,7 +28,7 @@ REQS=${MATRIX_REQS:-docker/requirements-runtime.txt} # MATRIX_REQS: for the test
 
 export_requirements() {
     # The one definition of the image's locked set; tests/test_docker.py runs it with --check.
-    "$UV" export --frozen --no-dev --extra runtime --extra embedded --extra s3 --no-emit-project \
+    "$UV" export --frozen --no-dev --extra runtime --extra embedded --extra s3 --extra tau2 --no-emit-project \
         --format requirements-txt
 }
 
