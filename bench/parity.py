@@ -101,6 +101,14 @@ def _questions(work: Path, backend: str, n: int) -> Path:
     return _jsonl(work / f"questions-{backend}", rows)
 
 
+def _tasks(work: Path, backend: str, n: int) -> Path:
+    """`n` tasks, half mock and half airline (tau2-bench's own), one trial each."""
+    from matrix_provider.pipelines.tau2 import task_rows
+
+    rows = [*task_rows(["mock"], 1, limit=n // 2), *task_rows(["airline"], 1, limit=n - n // 2)]
+    return _jsonl(work / f"tasks-{backend}", rows)
+
+
 def _jsonl(directory: Path, rows: list[dict[str, Any]]) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -113,6 +121,8 @@ CASES: dict[str, Case] = {
         "natural_reasoning", _documents, _natural_reasoning, ("params.min_words=20", "params.min_cues_per_1000_words=0")
     ),
     "coral": Case("coral", _questions, _coral, ("params.max_turns=4",)),
+    # Airline's policy and tool schemas need SmolLM2's long context; few steps keep it small.
+    "tau2": Case("tau2", _tasks, _tau2, ("params.max_steps=12", "llm.n_ctx=8192")),
 }
 
 

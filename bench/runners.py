@@ -25,6 +25,8 @@ from matrix_provider.runtime import job
 from matrix_provider.runtime.orchestrator import Orchestrator
 from matrix_provider.runtime.pipeline import Pipeline, load_pipeline, output_row
 from matrix_provider.runtime.spec import PipelineSpec, compose
+from matrix_provider.sandbox.client import SandboxClient
+from matrix_provider.sandbox.pool import SandboxPool
 
 Result = tuple[str, float, int, dict[str, Any]]
 Rows = dict[str, Result]
@@ -78,8 +80,10 @@ def run_p2p(
     return rows, wall
 
 
-def _roles(pipeline: Pipeline, spec: PipelineSpec, client: LLMClient) -> dict[str, Any]:
-    return {name: cls(name, spec.roles[name], spec.params, client) for name, cls in pipeline.roles.items()}
+def _roles(
+    pipeline: Pipeline, spec: PipelineSpec, client: LLMClient, sandbox: SandboxClient | None = None
+) -> dict[str, Any]:
+    return {name: cls(name, spec.roles[name], spec.params, client, sandbox) for name, cls in pipeline.roles.items()}
 
 
 async def _step(role: Any, msg: Orchestrator) -> str | None:
@@ -98,7 +102,10 @@ async def _central(
     """Every row through every step in this event loop, a semaphore bounding rows in flight; also
     the loop's lag (how late a 10 ms timer fires), which is what a busy controller adds to every step."""
     client = LLMClient(config)
-    roles = _roles(pipeline, spec, client)
+    # Tools run in the same sandbox pool as in the runtime, in this process (one pool, pool_size workers).
+    pool = SandboxPool(spec.sandbox) if pipeline.uses_sandbox else None
+    sandbox = SandboxClient([pool]) if pool is not None else None
+    roles = _roles(pipeline, spec, client, sandbox)
     gate = asyncio.Semaphore(concurrency)
     lags: list[float] = []
 
@@ -115,12 +122,16 @@ async def _central(
             role = msg.route(None)
             while role is not None:
                 role = await _step(roles[role], msg)
+            if sandbox is not None:
+                await sandbox.release(msg)
             return row["id"], _result(pipeline, output_row(pipeline, msg), time.monotonic() - started)
 
     watcher = asyncio.create_task(watch())
     results = dict(await asyncio.gather(*(one(r) for r in rows)))
     watcher.cancel()
     await client.aclose()
+    if pool is not None:
+        await pool.close()
     return results, lags
 
 
