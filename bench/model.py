@@ -242,6 +242,7 @@ class Setup:
     cores: float | None = 2.0  # per machine (less what others' processes take); None: a core per process
     batch: int = 16  # Ray Data
     agents_per_role: int = 1  # p2p, per node
+    drivers_per_node: int = 1  # p2p partitions
     engine: StepModel = STEP_MODELS["vllm-like"]
     seed: int = 0
 
@@ -266,7 +267,7 @@ class Model:
         self.controllers = [Process(head) for _ in range(shards)]
         roles = len(setup.shape.continue_p)
         self.agents = [[Process(cpu) for _ in range(setup.agents_per_role)] for cpu in self.cpus for _ in range(roles)]
-        self.drivers = [Process(cpu) for cpu in self.cpus]
+        self.drivers = [[Process(cpu) for _ in range(setup.drivers_per_node)] for cpu in self.cpus]
         self.stage_actors = [Process(head) for _ in range(roles)]
         self._turn = itertools.count()
 
@@ -289,7 +290,7 @@ class Model:
     def _row(self, index: int, done: Callable[[], None]) -> None:
         """One row through all its steps, central or p2p."""
         steps = self.s.shape.steps(self.rng)
-        node = index % len(self.cpus)
+        node, local = index % len(self.cpus), index // len(self.cpus)  # rows spread over nodes, then processes
         p2p = self.s.runner == "p2p"
 
         def step(k: int) -> None:
@@ -297,10 +298,9 @@ class Model:
                 done()
             elif p2p:
                 role = self.agents[node * len(self.s.shape.continue_p) + k]
-                agent = role[index % len(role)]
-                self._call(
-                    agent, lambda: self.loop.at(self.loop.now + self.s.costs.hop_s, step, k + 1), self.drivers[node]
-                )
+                agent = role[local % len(role)]
+                driver = self.drivers[node][local % len(self.drivers[node])]
+                self._call(agent, lambda: self.loop.at(self.loop.now + self.s.costs.hop_s, step, k + 1), driver)
             else:
                 self._call(self.controllers[index % len(self.controllers)], lambda: step(k + 1))
 
@@ -469,7 +469,7 @@ NATURAL_REASONING_P = (1.0, 0.5, 0.5)
 def extrapolate(results: dict[str, Any], hop_s: float) -> dict[str, Any]:
     """32 nodes x 8 GPUs of vLLM-like replicas (256 sequences each, as vLLM's default), rows enough to
     fill them (1.5x the slots), enough cores per node: central (one process, the costs measured at
-    w = 0 and at the largest w) against p2p (an agent per role and GPU, a driver per node)."""
+    w = 0 and at the largest w) against p2p (an agent per role and a partition driver per GPU)."""
     nr = results["natural_reasoning"]["runners"]
     shape = shape_of(nr["central"], NATURAL_REASONING_P)
     central_costs = {"w=0": costs(nr["central"]["cpu_ms_per_call"], "bench_process")}
@@ -485,7 +485,7 @@ def extrapolate(results: dict[str, Any], hop_s: float) -> dict[str, Any]:
 
     def at(runner: str, c: Costs, nodes: int, gpus: int) -> dict[str, float]:
         setup = Setup(runner, round(1.5 * 256 * nodes * gpus), shape, c, nodes, gpus, slots=256, cores=None)
-        setup.agents_per_role = gpus
+        setup.agents_per_role = setup.drivers_per_node = gpus
         return Model(setup).run(warm_s=5, measure_s=10)
 
     # P2P has no shared part in the model (each node its driver and agents), so one node is run and
@@ -502,8 +502,12 @@ def extrapolate(results: dict[str, Any], hop_s: float) -> dict[str, Any]:
         for nodes, gpus in gpus_ladder:
             p2p_tps = p2p_node[gpus]["completion_tokens_per_s"] * nodes
             central = at("central", c, nodes, gpus) if saturated is None or nodes * gpus <= 2 * saturated else None
-            if central is None:  # past saturation the controller's rate is fixed: the last figure stands
-                central = rows[-1]["central"]
+            if central is None:  # past saturation the controller's rate is fixed, spread over more GPUs
+                last = rows[-1]
+                central = {
+                    **last["central"],
+                    "utilization": round(last["central"]["utilization"] * last["gpus"] / (nodes * gpus), 3),
+                }
             rows.append(
                 {
                     "nodes": nodes,

@@ -58,6 +58,7 @@ from matrix_provider.runtime.spec import compose  # noqa: E402
 RESULTS = ROOT / "bench" / "results"
 RUNNERS = ("p2p", "central", "ray_data", "ray_data_fused")
 BUSY = 0.9  # the steady busy share a runner must keep the backend at
+CB_IN_FLIGHT = 128  # rows in flight in the controller-bound section
 QUICK = {
     "rows": 300,
     "concurrency": 128,
@@ -249,9 +250,10 @@ class Bench:
 
     def controller(self, w_values: list[float], rows_n: int) -> dict[str, Any]:
         """Controller-bound: a backend with 4,096 slots and ~10 ms calls, `w` ms of CPU in each step,
-        2-40 KB histories; central in one process, central sharded over two, p2p; 256 rows in flight."""
+        2-40 KB histories; central in one process, central sharded over two, p2p; 128 rows in flight,
+        many more than a step's CPU and a 10 ms call need to keep a core busy."""
         corpus = self.corpus(rows_n, kb=(2.0, 40.0))
-        out: dict[str, Any] = {"rows_in_flight": 256, "by_w": {}}
+        out: dict[str, Any] = {"rows_in_flight": CB_IN_FLIGHT, "by_w": {}}
         for w in w_values:
             overrides, config, sim = self.backend(CONTROLLER_BOUND, **UNBOUND)
             overrides = [*overrides, f"params.cpu_ms={w}"]
@@ -259,7 +261,7 @@ class Bench:
             for name in ("central", "sharded_central", "p2p"):
                 lags: list[float] = []
                 fn = controller_runner(name, corpus, self.work / f"out-cb-{w}", overrides, config, lags)
-                fig = self.measure(f"controller/{name}@w={w:g}ms", sim, 1, fn, 256 / rows_n)
+                fig = self.measure(f"controller/{name}@w={w:g}ms", sim, 1, fn, CB_IN_FLIGHT / rows_n)
                 figs[name] = {
                     "calls_per_s": fig["calls_per_s"],
                     "prompt_tokens_per_call": fig["prompt_tokens_per_call"],
@@ -398,12 +400,12 @@ class Bench:
 def controller_runner(
     name: str, corpus: Path, out: Path, overrides: list[str], config: Any, lags: list[float]
 ) -> Callable[[], tuple[runners.Rows, float]]:
-    """A controller-bound runner at 256 rows in flight; the central ones put their loop's lags in `lags`."""
+    """A controller-bound runner; the central ones put their loop's lags in `lags`."""
     wl = CONTROLLER_BOUND
     if name == "p2p":
-        return lambda: runners.run_p2p(wl, corpus, out, overrides, 2, 128)
+        return lambda: runners.run_p2p(wl, corpus, out, overrides, 2, CB_IN_FLIGHT // 2)
     processes = 2 if name == "sharded_central" else 1
-    return lambda: runners.run_central_processes(wl, corpus, config, overrides, 256, processes, lags)
+    return lambda: runners.run_central_processes(wl, corpus, config, overrides, CB_IN_FLIGHT, processes, lags)
 
 
 def steps_of(result: runners.Result) -> int:
