@@ -546,3 +546,21 @@ def evaluate(results: dict[str, Any]) -> dict[str, Any]:
     if "natural_reasoning" in results:
         out["extrapolation"] = extrapolate(results, hop_s)
     return out
+
+
+def main() -> None:
+    """`python bench/model.py RESULTS.json`: the model of a results file again (after a change to
+    the model, without rerunning the measurements), written back into its `model` key."""
+    import json
+    import sys
+    from pathlib import Path
+
+    path = Path(sys.argv[1])
+    results = json.loads(path.read_text())
+    results["model"] = evaluate(results)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results["model"]["calibration"], indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -205,8 +205,14 @@ class Sampler:
         samples' own times."""
         start, end = self.steady_window()
         (ta, a), (tb, b) = (next(((t, cpu) for t, cpu in self.cpu if t >= x), self.cpu[-1]) for x in (start, end))
-        ra, rb = (next((r for t, _, r, *_ in self.sim if t >= x), self.sim[-1][2]) for x in (ta, tb))
-        return max(rb - ra, 1), max(tb - ta, 1e-9), a, b
+        return max(self._requests_at(tb) - self._requests_at(ta), 1), max(tb - ta, 1e-9), a, b
+
+    def _requests_at(self, t: float) -> float:
+        """The simulator's request count at `t`, interpolated between its samples."""
+        for (t0, _, r0, *_), (t1, _, r1, *_) in pairwise(self.sim):
+            if t0 <= t <= t1:
+                return r0 + (r1 - r0) * (t - t0) / (t1 - t0) if t1 > t0 else r1
+        return self.sim[-1][2]
 
     def cpu_ms_per_call(self) -> dict[str, float]:
         """CPU milliseconds per LLM call by process kind over the steady state; `machine` is every
