@@ -23,7 +23,7 @@ from bench.workload import Workload
 from matrix_provider.llm.client import ClientConfig, LLMClient
 from matrix_provider.runtime import job
 from matrix_provider.runtime.orchestrator import Orchestrator
-from matrix_provider.runtime.pipeline import Pipeline, load_pipeline, output_row
+from matrix_provider.runtime.pipeline import Pipeline, admission, load_pipeline, output_row
 from matrix_provider.runtime.spec import PipelineSpec, compose
 from matrix_provider.sandbox.client import SandboxClient
 from matrix_provider.sandbox.pool import SandboxPool
@@ -119,7 +119,10 @@ async def _central(
         async with gate:
             started = time.monotonic()
             msg = pipeline.orchestrator(id=row["id"], partition=0, delivery=1, deadline=0.0, row=row)
-            role = msg.route(None)
+            stopped = admission(pipeline, row, spec.params)
+            if stopped is not None:
+                msg.finish(*stopped)
+            role = None if msg.done else msg.route(None)
             while role is not None:
                 role = await _step(roles[role], msg)
             if sandbox is not None:

@@ -242,18 +242,7 @@ def test_apptainer_argv_and_spec_checks() -> None:
     assert base.config_hash() == without.hexdigest()[:16]
 
 
-@pytest.fixture(scope="module")
-def local_ray() -> Iterator[None]:
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
-def test_pool_actor_survives_a_restart_and_its_kill_leaves_no_sandbox(local_ray: None) -> None:
+def test_pool_actor_survives_a_restart_and_its_kill_leaves_no_sandbox(ray_client) -> None:
     import ray
 
     from matrix_provider.runtime import names

@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import psutil
 import pytest
 
 from matrix_provider.llm.sim import fake_value
-from matrix_provider.pipelines.tau2 import tool_schemas, write_task_file
+from matrix_provider.pipelines.tau2 import HOST, tool_schemas, write_task_file
 from matrix_provider.pipelines.tau2_host import DOMAINS, make_host
 from matrix_provider.sandbox.host import ToolError
 from tests.conftest import REPO, assert_exactly_once, read_manifest, read_output, run_matrix
@@ -58,6 +59,8 @@ def test_tau2_on_sim_mock_and_airline_with_bad_rows(ray_cluster, tmp_path: Path)
     with tasks.open("a") as handle:
         handle.write("\n".join(bad) + "\n")
     manifest = _run(ray_cluster.env, "tau2", tasks, tmp_path / "out", *SIM)
+    left = [p.info["cmdline"] for p in psutil.process_iter(["cmdline"]) if HOST in (p.info["cmdline"] or [])]
+    assert not left, f"sandbox processes outlived the run: {left}"
     rows = read_output(str(tmp_path / "out"))
     assert_exactly_once(rows, good + len(bad))
     by_id = _by_id(rows)

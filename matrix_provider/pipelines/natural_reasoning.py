@@ -1,7 +1,8 @@
 """NaturalReasoning-style web curation: filter -> score -> question.
 
-- filter: cheap checks (length, English, density of reasoning cues), then a small LLM
-  classification; most documents stop here, as in the paper (~5 % survive at DCLM scale).
+- admission (in the partition driver, before any hop): cheap checks (length, English, density of
+  reasoning cues); most documents stop here, as in the paper (~5 % survive at DCLM scale).
+- filter: a small LLM classification of the documents that passed.
 - score: the LLM grades the document's educational reasoning quality 0-5; below
   `min_score` the row is filtered.
 - question: the LLM extracts a question, its answer and the reasoning chain.
@@ -90,26 +91,30 @@ def excerpt(msg: Orchestrator, params: dict[str, Any]) -> str:
     return str(msg.row["text"])[: params.get("max_chars", 1000)]
 
 
+def cheap_checks(row: dict[str, Any], params: dict[str, Any]) -> str | None:
+    """The admission check: runs in the partition driver, so a dropped document costs no hop."""
+    return heuristic_verdict(str(row["text"]), params)
+
+
 class FilterRole(LLMRole):
+    """The LLM's reasoning classification of a document that passed the cheap checks."""
+
     async def run(self, msg: Orchestrator) -> None:
-        verdict = heuristic_verdict(str(msg.row["text"]), self.params)
-        if verdict is None:
-            schema = json_schema({"reasoning": {"type": "boolean", "x-sim-true-rate": 0.5}})
-            answer = await self.chat_json(
-                msg,
-                [
-                    {"role": "system", "content": "You classify web documents. Answer in JSON."},
-                    {
-                        "role": "user",
-                        "content": "Does this document explain or argue something step by step "
-                        f"(reasoning a student could learn from)?\n\n{excerpt(msg, self.params)}",
-                    },
-                ],
-                schema,
-                "reasoning_check",
-            )
-            if not answer.get("reasoning", False):
-                verdict = "classifier: no reasoning content"
+        schema = json_schema({"reasoning": {"type": "boolean", "x-sim-true-rate": 0.5}})
+        answer = await self.chat_json(
+            msg,
+            [
+                {"role": "system", "content": "You classify web documents. Answer in JSON."},
+                {
+                    "role": "user",
+                    "content": "Does this document explain or argue something step by step "
+                    f"(reasoning a student could learn from)?\n\n{excerpt(msg, self.params)}",
+                },
+            ],
+            schema,
+            "reasoning_check",
+        )
+        verdict = None if answer.get("reasoning", False) else "classifier: no reasoning content"
         msg.set_result("filter", {"keep": verdict is None, "reason": verdict})
 
 
@@ -199,6 +204,7 @@ PIPELINE = Pipeline(
     name="natural_reasoning",
     orchestrator=NaturalReasoningOrchestrator,
     roles={"filter": FilterRole, "score": ScoreRole, "question": QuestionRole},
+    admit=cheap_checks,
     columns=pa.schema(
         [
             pa.field("url", pa.string()),

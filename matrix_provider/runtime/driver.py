@@ -38,7 +38,7 @@ from matrix_provider.runtime.encode import to_table
 from matrix_provider.runtime.lease import check_generation
 from matrix_provider.runtime.metrics import PipelineMetrics
 from matrix_provider.runtime.orchestrator import ERROR
-from matrix_provider.runtime.pipeline import error_row, load_pipeline, output_row
+from matrix_provider.runtime.pipeline import Pipeline, admission, admitted_row, error_row, load_pipeline, output_row
 from matrix_provider.runtime.sink import OutputStore
 from matrix_provider.runtime.sources import Record, Split, open_fs, read_unit
 from matrix_provider.runtime.spec import PipelineSpec
@@ -85,8 +85,10 @@ class Flight:
     admitted: float = 0.0
 
 
-def _take(iterator: Any, n: int) -> list[Record]:
-    return list(itertools.islice(iterator, n))
+def _take(iterator: Any, n: int, pipeline: Pipeline, params: dict[str, Any]) -> list[tuple[Record, Any]]:
+    """The next `n` records, each with its admission verdict (computed here, off the event loop)."""
+    batch = list(itertools.islice(iterator, n))
+    return [(r, None if r.row is None else admission(pipeline, r.row, params)) for r in batch]
 
 
 @ray.remote(max_restarts=-1, max_task_retries=0)
@@ -144,8 +146,8 @@ class PartitionDriver:
         slots = self._ensure_started()
         records = read_unit(self.in_fs, run.unit, self.spec.io)
         index = 0
-        while batch := await asyncio.to_thread(_take, records, _READ_BATCH):
-            for record in batch:
+        while batch := await asyncio.to_thread(_take, records, _READ_BATCH, self.pipeline, self.spec.params):
+            for record, verdict in batch:
                 run.counts["rows_in"] += 1
                 if record.id in run.seen:
                     reason = (
@@ -156,6 +158,9 @@ class PartitionDriver:
                 run.seen.add(record.id)
                 if record.row is None:
                     self._emit(run, error_row(self.pipeline, record.id, record.status or ERROR, record.reason or ""))
+                    continue
+                if verdict is not None:  # stopped by the pipeline's cheap checks: never leaves this driver
+                    self._emit(run, admitted_row(self.pipeline, record.id, record.row, *verdict))
                     continue
                 await slots.acquire()
                 key = f"{run.attempt}/{index}"

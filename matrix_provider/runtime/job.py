@@ -284,7 +284,7 @@ def _start_actors(
 def _agent_figures(agents: list[Any]) -> dict[str, int]:
     figures = collections.Counter({"llm_requests": 0, "llm_retries": 0, "step_retries": 0})
     refs = [a.stats.remote() for a in agents]
-    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=10)
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=10) if refs else ([], [])
     for ref in ready:
         try:
             stats = ray.get(ref)

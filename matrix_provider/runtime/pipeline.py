@@ -9,7 +9,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from matrix_provider.runtime.orchestrator import Orchestrator
+from matrix_provider.runtime.orchestrator import ERROR, FILTERED, Orchestrator
 from matrix_provider.runtime.roles import Role
 
 # Columns every output row has, whatever the pipeline.
@@ -34,6 +34,10 @@ class Pipeline:
     columns: pa.Schema
     output: Callable[[Orchestrator], dict[str, Any]]
     """The pipeline's own columns of a finished row (missing ones are null)."""
+    admit: Callable[[dict[str, Any], dict[str, Any]], str | None] | None = None
+    """Cheap CPU checks of a row (and the spec's `params`), run by its partition driver as the row is
+    read: a reason filters the row there, so a dropped document never crosses a process; None lets
+    it in."""
     uses_sandbox: bool = False
     """Its roles run tools through `Role.sandbox`: the run starts sandbox pools (spec `sandbox`)."""
     summarize: Callable[[pa.Table], dict[str, Any]] | None = None
@@ -73,6 +77,27 @@ def output_row(pipeline: Pipeline, msg: Orchestrator) -> dict[str, Any]:
         completion_tokens=msg.usage["completion_tokens"],
     )
     return row
+
+
+def admission(pipeline: Pipeline, row: dict[str, Any], params: dict[str, Any]) -> tuple[str, str] | None:
+    """(status, reason) of a row the pipeline's `admit` check stops, None for a row that goes on.
+
+    A check that raises on odd content makes that row an error row, never the unit fail.
+    """
+    if pipeline.admit is None:
+        return None
+    try:
+        reason = pipeline.admit(row, params)
+    except Exception as exc:
+        return ERROR, f"admission check failed: {type(exc).__name__}: {exc}"
+    return None if reason is None else (FILTERED, reason)
+
+
+def admitted_row(pipeline: Pipeline, row_id: str, row: dict[str, Any], status: str, reason: str) -> dict[str, Any]:
+    """The output row of a row its admission check stopped: the pipeline's columns filled as usual."""
+    msg = pipeline.orchestrator(id=row_id, partition=0, delivery=1, deadline=0.0, row=row)
+    msg.finish(status, reason)
+    return {**output_row(pipeline, msg), "latency_s": 0.0}
 
 
 def error_row(pipeline: Pipeline, row_id: str, status: str, reason: str, deliveries: int = 0) -> dict[str, Any]:
