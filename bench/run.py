@@ -51,7 +51,7 @@ from bench.sampling import Sampler  # noqa: E402
 from bench.workload import CONTROLLER_BOUND, CORAL, NATURAL_REASONING, Workload  # noqa: E402
 from matrix_provider.llm.backends import client_config, deploy  # noqa: E402
 from matrix_provider.llm.sim_server import deploy_sim  # noqa: E402
-from matrix_provider.runtime.job import backend_app_suffix  # noqa: E402
+from matrix_provider.runtime.job import backend_app_suffix, run_backend  # noqa: E402
 from matrix_provider.runtime.names import NAMESPACE  # noqa: E402
 from matrix_provider.runtime.spec import compose  # noqa: E402
 
@@ -384,7 +384,7 @@ class Bench:
         corpus = self.work / "in-embedded"
         corpus.mkdir(exist_ok=True)
         (corpus / "docs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:docs]))
-        config = deploy(spec.llm)
+        config = deploy(run_backend(spec))
         results = {}
         for name, fn in (
             ("p2p", lambda: runners.run_p2p(NATURAL_REASONING, corpus, self.work / "out-emb", [], 2, 8)),

@@ -100,6 +100,15 @@ def connect_ray() -> bool:
     return True
 
 
+def run_backend(spec: PipelineSpec) -> Any:
+    """The spec's LLM backend as a run deploys it: a served backend without an app name is named
+    by its settings, so runs (and benchmarks) with equal settings share one deployment."""
+    llm = spec.llm
+    if getattr(llm, "app_name", "unset") is None:
+        llm = llm.model_copy(update={"app_name": f"matrix-{llm.backend}-{backend_app_suffix(spec)}"})
+    return llm
+
+
 def backend_app_suffix(spec: PipelineSpec) -> str:
     """Names a backend deployment by its settings and our version, so equal settings reuse it."""
     client_side = {"timeout_s", "retries", "backoff_s", "max_connections", "sticky_buckets", "app_name"}
@@ -207,10 +216,7 @@ def _run_units(
         check_cluster_storage(store)
         client_config = None
         if any(role.uses_llm for role in pipeline.roles.values()):
-            llm = spec.llm
-            if getattr(llm, "app_name", "unset") is None:
-                llm = llm.model_copy(update={"app_name": f"matrix-{llm.backend}-{backend_app_suffix(spec)}"})
-            client_config = backends.deploy(llm)
+            client_config = backends.deploy(run_backend(spec))
             backends.probe(client_config)
         agents: dict[str, Any] = {}
         drivers: list[Any] = []
