@@ -17,7 +17,7 @@ from matrix_provider.pipelines.tau2_host import DOMAINS, make_host
 from matrix_provider.sandbox.host import ToolError
 from tests.conftest import REPO, assert_exactly_once, read_manifest, read_output, run_matrix
 
-SIM = ["llm=sim", "llm.decode_s_per_token=0.0005", "llm.output_tokens_mean=24", "params.max_steps=24"]
+SIM = ["llm=sim", "llm.decode_s_per_token=0.0005", "llm.output_tokens_mean=24", "params.max_steps=12"]
 
 
 def _run(env: dict[str, str], spec: str, tasks: Path, out: Path, *overrides: str) -> dict[str, Any]:
@@ -120,7 +120,7 @@ def test_tau2_on_the_embedded_model(ray_cluster, tmp_path: Path) -> None:
         "llm=embedded",
         "llm.n_ctx=8192",  # airline's policy and 14 tool schemas take ~5,000 tokens
         "llm.n_parallel=2",
-        "params.max_steps=4",
+        "params.max_steps=2",
         "roles.user.max_tokens=48",
         "roles.assistant.max_tokens=96",
         "roles.assistant.step_timeout_s=300",
