@@ -86,6 +86,22 @@ def _roles(
     return {name: cls(name, spec.roles[name], spec.params, client, sandbox) for name, cls in pipeline.roles.items()}
 
 
+def _admit(pipeline: Pipeline, spec: PipelineSpec, row: dict[str, Any]) -> tuple[Orchestrator, str | None]:
+    """A row's message and its first role, after the pipeline's admission check, as a partition
+    driver does it (a row the check stops is finished and has no first role)."""
+    msg = pipeline.orchestrator(id=row["id"], partition=0, delivery=1, deadline=0.0, row=row)
+    stopped = admission(pipeline, row, spec.params)
+    if stopped is not None:
+        msg.finish(*stopped)
+    return msg, None if msg.done else msg.route(None)
+
+
+async def _converse(roles: dict[str, Any], msg: Orchestrator, role: str | None) -> None:
+    """Every step of one row, from `role` on, in this event loop."""
+    while role is not None:
+        role = await _step(roles[role], msg)
+
+
 async def _step(role: Any, msg: Orchestrator) -> str | None:
     """One role on one message, as the runtime's agents do it; returns the next role."""
     try:
@@ -118,13 +134,8 @@ async def _central(
     async def one(row: dict[str, Any]) -> tuple[str, Result]:
         async with gate:
             started = time.monotonic()
-            msg = pipeline.orchestrator(id=row["id"], partition=0, delivery=1, deadline=0.0, row=row)
-            stopped = admission(pipeline, row, spec.params)
-            if stopped is not None:
-                msg.finish(*stopped)
-            role = None if msg.done else msg.route(None)
-            while role is not None:
-                role = await _step(roles[role], msg)
+            msg, role = _admit(pipeline, spec, row)
+            await _converse(roles, msg, role)
             if sandbox is not None:
                 await sandbox.release(msg)
             return row["id"], _result(pipeline, output_row(pipeline, msg), time.monotonic() - started)
@@ -246,8 +257,8 @@ def run_ray_data(
     t0 = time.time()
     items = []
     for row in _load(corpus):
-        msg = pipeline.orchestrator(id=row["id"], partition=0, delivery=1, deadline=0.0, row=row)
-        msg.next_role = msg.route(None)
+        msg, first = _admit(pipeline, spec, row)
+        msg.next_role = first
         items.append({"msg": pickle.dumps(msg), "t0": t0})
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items) // batch_size))
     batches = concurrency / batch_size / sum(workload.traffic)
@@ -282,10 +293,8 @@ class _FusedUDF:
 
     async def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         async def one(row: dict[str, Any]) -> bytes:
-            msg = self.pipeline.orchestrator(id=row["id"], partition=0, delivery=1, deadline=0.0, row=row)
-            role = msg.route(None)
-            while role is not None:
-                role = await _step(self.roles[role], msg)
+            msg, role = _admit(self.pipeline, self.spec, row)
+            await _converse(self.roles, msg, role)
             msg.__dict__["t_done"] = time.time()
             return pickle.dumps(msg)
 
