@@ -62,7 +62,7 @@ def worker_args(spec: SandboxSpec, factory: str) -> list[str]:
 def command(spec: SandboxSpec, factory: str) -> list[str]:
     """The argv that starts one sandboxed worker for host `factory`."""
     if spec.backend == "bwrap":
-        return [*BWRAP, sys.executable, *worker_args(spec, factory)]
+        return [*BWRAP, *_unhide_under_scratch(), sys.executable, *worker_args(spec, factory)]
     if spec.backend == "apptainer":
         assert spec.image is not None  # SandboxSpec requires it
         env = [f"--env={key}={value}" for key, value in SANDBOX_ENV.items()]
@@ -81,6 +81,16 @@ def command(spec: SandboxSpec, factory: str) -> list[str]:
             *worker_args(spec, factory),
         ]
     return [sys.executable, *worker_args(spec, factory)]
+
+
+def _unhide_under_scratch() -> list[str]:
+    """Read-only binds of our interpreter and import path where they live under the scratch
+    directory (a checkout or venv in /tmp), which the scratch tmpfs would otherwise hide."""
+    binds: list[str] = []
+    for path in sorted({os.path.abspath(p) for p in [sys.prefix, *sys.path] if p}):
+        if (path == SCRATCH or path.startswith(SCRATCH + "/")) and os.path.exists(path):
+            binds += ["--ro-bind", path, path]
+    return binds
 
 
 def environment(spec: SandboxSpec) -> dict[str, str]:
