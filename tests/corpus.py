@@ -16,10 +16,17 @@ _REASONING = (
 
 
 def doc_text(i: int, words: int = 200) -> str:
-    """A document that passes natural_reasoning's cheap checks (English, dense reasoning cues)."""
+    """A document that passes natural_reasoning's admission checks: English, dense reasoning cues,
+    and datatrove's quality blocks (sentences with terminal punctuation, paragraphs, no repeats)."""
     rng = random.Random(i)
     base = _REASONING.split()
-    return f"Document {i}. " + " ".join(rng.choice(base) for _ in range(words))
+    sentences, left = [], words
+    while left > 0:
+        n = min(left, rng.randint(8, 16))
+        sentences.append(" ".join(rng.choice(base) for _ in range(n)).capitalize() + ".")
+        left -= n
+    paragraphs = [" ".join(sentences[k : k + 4]) for k in range(0, len(sentences), 4)]
+    return f"Document {i}. " + "\n".join(paragraphs)
 
 
 def write_jsonl(path: Path, n: int, start: int = 0, with_ids: bool = True, compress: bool = False) -> Path:

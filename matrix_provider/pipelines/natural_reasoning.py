@@ -1,7 +1,8 @@
 """NaturalReasoning-style web curation: filter -> score -> question.
 
 - admission (in the partition driver, before any hop): cheap checks (length, English, density of
-  reasoning cues); most documents stop here, as in the paper (~5 % survive at DCLM scale).
+  reasoning cues), then datatrove's Gopher, C4 and FineWeb quality blocks (doc_filters.py); most
+  documents stop here, as in the paper (~5 % survive at DCLM scale).
 - filter: a small LLM classification of the documents that passed.
 - score: the LLM grades the document's educational reasoning quality 0-5; below
   `min_score` the row is filtered.
@@ -10,81 +11,14 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import pyarrow as pa
 
+from matrix_provider.pipelines.doc_filters import document_verdict
 from matrix_provider.runtime.orchestrator import FILTERED, OK, Orchestrator
 from matrix_provider.runtime.pipeline import Pipeline
 from matrix_provider.runtime.roles import LLMRole, RowError, json_schema
-
-_WORD = re.compile(r"[A-Za-z']+")
-_STOPWORDS = frozenset(
-    [
-        "the",
-        "of",
-        "and",
-        "to",
-        "a",
-        "in",
-        "is",
-        "that",
-        "it",
-        "for",
-        "as",
-        "with",
-        "be",
-        "on",
-        "this",
-        "are",
-        "by",
-        "not",
-        "or",
-        "can",
-        "an",
-        "if",
-    ]
-)
-_CUES = frozenset(
-    [
-        "because",
-        "therefore",
-        "thus",
-        "hence",
-        "since",
-        "so",
-        "why",
-        "how",
-        "if",
-        "then",
-        "must",
-        "implies",
-        "means",
-        "example",
-        "reason",
-        "consequently",
-        "however",
-        "although",
-        "whereas",
-        "suppose",
-        "assume",
-    ]
-)
-
-
-def heuristic_verdict(text: str, params: dict[str, Any]) -> str | None:
-    """None when the document may hold reasoning, else why it is filtered."""
-    words = [w.lower() for w in _WORD.findall(text)]
-    if len(words) < params.get("min_words", 150):
-        return f"too short ({len(words)} words)"
-    stop_share = sum(w in _STOPWORDS for w in words) / len(words)
-    if stop_share < params.get("min_stopword_share", 0.15):
-        return f"not English prose (stopword share {stop_share:.2f})"
-    cue_density = 1000 * sum(w in _CUES for w in words) / len(words)
-    if cue_density < params.get("min_cues_per_1000_words", 24.0):
-        return f"few reasoning cues ({cue_density:.1f} per 1000 words)"
-    return None
 
 
 def excerpt(msg: Orchestrator, params: dict[str, Any]) -> str:
@@ -92,8 +26,9 @@ def excerpt(msg: Orchestrator, params: dict[str, Any]) -> str:
 
 
 def cheap_checks(row: dict[str, Any], params: dict[str, Any]) -> str | None:
-    """The admission check: runs in the partition driver, so a dropped document costs no hop."""
-    return heuristic_verdict(str(row["text"]), params)
+    """The admission check: runs in the partition driver, so a dropped document costs no hop.
+    Our reasoning heuristics, then datatrove's quality blocks (see doc_filters)."""
+    return document_verdict(row.get("text"), params)
 
 
 class FilterRole(LLMRole):

@@ -1,5 +1,6 @@
-"""CPU-only pre-filter: the cheap checks of natural_reasoning (length, English prose, reasoning-cue
-density), no LLM and no agent: every row is decided in its partition driver as it is read. Run it
+"""CPU-only pre-filter: the admission checks of natural_reasoning (length, English prose, reasoning-cue
+density, then datatrove's Gopher, C4 and FineWeb quality blocks), no LLM and no agent: every row is
+decided in its partition driver as it is read. Run it
 over a whole snapshot first and feed only its `ok` rows to the LLM stages; at DCLM scale most
 documents stop here, as in the paper.
 """
