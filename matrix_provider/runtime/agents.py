@@ -37,10 +37,15 @@ from matrix_provider.runtime.spec import PipelineSpec
 from matrix_provider.sandbox.client import SandboxClient
 
 _HANDOFF_TRIES = 30
+_LOOKUP_S = 0.2  # while some replicas of a role have not started, look their names up this often
 _REPORT_TRIES = 10
 logger = logging.getLogger(__name__)
 # To a driver: ("done", key, delivery, output row) or ("lost", key, delivery, reason).
 Report = tuple[str, str, int, Any]
+
+
+class PeerMissing(LookupError):
+    """A peer's name does not resolve yet: its actor starts in the run's second wave."""
 
 
 class PeerDirectory:
@@ -50,24 +55,39 @@ class PeerDirectory:
         self.run_id = run_id
         self.replicas = replicas
         self._agents: dict[str, list[Any]] = {}
+        self._looked_up: dict[str, float] = {}
         self._drivers: dict[int, Any] = {}
         self._turn = {role: itertools.count() for role in replicas}
         self._to_role: dict[str, Outbox[Orchestrator]] = {}
         self._to_driver: dict[int, Outbox[Report]] = {}
 
     def agent(self, role: str) -> Any:
-        if role not in self._agents:
-            self._agents[role] = [
-                ray.get_actor(names.agent_name(self.run_id, role, i), namespace=names.NAMESPACE)
-                for i in range(self.replicas[role])
-            ]
-        handles = self._agents[role]
+        """The next replica of `role` in turn, among those started."""
+        handles = self._agents.get(role, [])
+        if len(handles) < self.replicas[role] and time.monotonic() - self._looked_up.get(role, 0.0) > _LOOKUP_S:
+            handles = self._agents[role] = self._resolve(role)
+        if not handles:
+            raise PeerMissing(f"no replica of role {role!r} has started yet")
         return handles[next(self._turn[role]) % len(handles)]
 
     def all_agents(self) -> list[Any]:
+        """Every agent of the run; PeerMissing while some have not started."""
         for role in self.replicas:
-            self.agent(role)
+            if len(self._agents.get(role, [])) < self.replicas[role]:
+                self._agents[role] = self._resolve(role)
+                if len(self._agents[role]) < self.replicas[role]:
+                    raise PeerMissing(f"not every replica of role {role!r} has started yet")
         return [h for handles in self._agents.values() for h in handles]
+
+    def _resolve(self, role: str) -> list[Any]:
+        self._looked_up[role] = time.monotonic()
+        found = []
+        for i in range(self.replicas[role]):
+            try:
+                found.append(ray.get_actor(names.agent_name(self.run_id, role, i), namespace=names.NAMESPACE))
+            except ValueError:  # not created yet
+                continue
+        return found
 
     def driver(self, partition: int) -> Any:
         if partition not in self._drivers:
@@ -95,7 +115,7 @@ async def hand_off(peers: PeerDirectory, role: str, msg: Orchestrator) -> None:
         try:
             await peers.to_role(role).put(msg)
             return
-        except RayActorError:
+        except (RayActorError, PeerMissing):
             await asyncio.sleep(min(0.1 * (attempt + 1), 2.0))
     raise RuntimeError(f"no replica of role {role!r} accepted row {msg.id}")
 
@@ -139,6 +159,8 @@ class Agent:
             await asyncio.sleep(1.0)
 
     async def incarnation(self) -> str:
+        """Also the run's readiness call: the workers start here, before the first row comes."""
+        self._start()
         return self.incarnation_id
 
     async def enqueue_many(self, msgs: list[Orchestrator]) -> None:

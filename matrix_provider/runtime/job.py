@@ -29,8 +29,7 @@ import ray
 from matrix_provider import __version__
 from matrix_provider.llm import backends
 from matrix_provider.runtime import names
-from matrix_provider.runtime.agents import Agent
-from matrix_provider.runtime.driver import PartitionDriver
+from matrix_provider.runtime.actors import RunActors
 from matrix_provider.runtime.lease import Lease, StaleRun
 from matrix_provider.runtime.pipeline import Pipeline, load_pipeline
 from matrix_provider.runtime.progress import Reporter, print_summary
@@ -44,7 +43,6 @@ USAGE_ERRORS = (SpecError, InputError, OutputError, backends.BackendError)
 _POLL_S = 0.5
 _UNITS_AHEAD = 2  # units handed to a driver before its first is done: reading overlaps the tail
 _UNIT_ATTEMPTS = 3  # a unit whose driver died or failed is handed out again, this many times in all
-_BIG = 100_000  # async actors: concurrency is bounded by credits and worker counts, not by Ray
 _POOL_CLOSE_S = 10.0  # pools kill their sandboxes before they are killed (the `none` backend has no die-with-parent)
 FORWARDED_ENV = frozenset(
     {
@@ -218,19 +216,17 @@ def _run_units(
         if any(role.uses_llm for role in pipeline.roles.values()):
             client_config = backends.deploy(run_backend(spec))
             backends.probe(client_config)
-        agents: dict[str, Any] = {}
-        drivers: list[Any] = []
+        actors = RunActors(spec, pipeline, run_id, lease.generation, client_config)
         pools: list[Any] = []
         try:
             if pipeline.uses_sandbox:
                 pools.extend(_start_sandbox_pools(spec, run_id))
-            _start_actors(spec, run_id, lease.generation, client_config, agents, drivers)
+            actors.start()
             resumed_rows = sum(r["rows_in"] for r in records.values())
-            UnitScheduler(spec, drivers, agents, lease, quiet, resumed_rows).run(todo, records)
-            return _agent_figures(list(agents.values()))
+            UnitScheduler(spec, actors, lease, quiet, resumed_rows).run(todo, records)
+            return _agent_figures(list(actors.agents.values()))
         finally:
-            for actor in [*drivers, *agents.values()]:
-                ray.kill(actor, no_restart=True)
+            actors.kill()
             if pools:  # after the agents: no call starts a sandbox once its pool closed
                 ray.wait([pool.close.remote() for pool in pools], num_returns=len(pools), timeout=_POOL_CLOSE_S)
             for pool in pools:
@@ -245,46 +241,6 @@ def _start_sandbox_pools(spec: PipelineSpec, run_id: str) -> list[Any]:
         ).remote(spec.sandbox)
         for i in range(spec.sandbox.pools)
     ]
-
-
-def _start_actors(
-    spec: PipelineSpec, run_id: str, generation: int, client_config: Any, agents: dict[str, Any], drivers: list[Any]
-) -> None:
-    """Agents and drivers, spread over the cluster's nodes.
-
-    Ray starts worker processes about in the order actors are created, a few at a time: one replica
-    of every role and the drivers come first, so rows flow while further replicas start.
-    """
-    spec_json = spec.model_dump_json()
-
-    def agent(role: str, i: int) -> None:
-        role_spec = spec.roles[role]
-        name = names.agent_name(run_id, role, i)
-        agents[name] = Agent.options(
-            name=name,
-            namespace=names.NAMESPACE,
-            num_cpus=role_spec.num_cpus,
-            num_gpus=role_spec.num_gpus,
-            resources=role_spec.resources or None,
-            max_concurrency=_BIG,
-            scheduling_strategy="SPREAD",
-        ).remote(run_id, role, spec_json, client_config)
-
-    for role in spec.roles:
-        agent(role, 0)
-    for p in range(spec.run.partitions):
-        drivers.append(
-            PartitionDriver.options(
-                name=names.driver_name(run_id, p),
-                namespace=names.NAMESPACE,
-                num_cpus=spec.resources.driver_num_cpus,
-                max_concurrency=_BIG,
-                scheduling_strategy="SPREAD",
-            ).remote(run_id, p, spec_json, generation)
-        )
-    for role, role_spec in spec.roles.items():
-        for i in range(1, role_spec.replicas):
-            agent(role, i)
 
 
 def _agent_figures(agents: list[Any]) -> dict[str, int]:
@@ -334,17 +290,16 @@ class Pinger:
 class UnitScheduler:
     """Hands units to drivers, re-queues a dead driver's units, watches agents, reports progress."""
 
-    def __init__(
-        self, spec: PipelineSpec, drivers: list[Any], agents: dict[str, Any], lease: Lease, quiet: bool, resumed: int
-    ):
+    def __init__(self, spec: PipelineSpec, actors: RunActors, lease: Lease, quiet: bool, resumed: int):
         self.spec = spec
-        self.drivers = drivers
+        self.actors = actors
+        self.drivers = actors.drivers  # grows when the second wave starts
         self.lease = lease
         self.resumed = resumed
         self.reporter = Reporter(None, quiet=quiet)
         self.incarnations: dict[str, str] = {}
-        self.agent_pings = Pinger(agents, "incarnation")
-        self.stats_pings = Pinger({str(p): d for p, d in enumerate(drivers)}, "stats")
+        self.agent_pings = Pinger(actors.agents, "incarnation")
+        self.stats_pings = Pinger({}, "stats")
         self.stats: dict[str, dict[str, Any]] = {}
         self.suspect: set[int] = set()
         self.next_ping = 0.0
@@ -352,20 +307,25 @@ class UnitScheduler:
     def run(self, todo: list[Split], records: dict[str, dict[str, Any]]) -> None:
         queue = collections.deque((unit, 1) for unit in todo)
         outstanding: dict[Any, tuple[int, Split, int]] = {}
-        load = [0] * len(self.drivers)
+        load: collections.Counter[int] = collections.Counter()
         try:
             while queue or outstanding:
+                self.actors.poll()
                 for p, driver in enumerate(self.drivers):
+                    self.stats_pings.actors.setdefault(str(p), driver)
                     while queue and load[p] < _UNITS_AHEAD and p not in self.suspect:
                         unit, attempt = queue.popleft()
                         outstanding[driver.run_unit.remote(unit)] = (p, unit, attempt)
                         load[p] += 1
-                if outstanding:
-                    ready, _ = ray.wait(list(outstanding), num_returns=1, timeout=_POLL_S)
+                waits = [*outstanding, *self.actors.waiting()]
+                if waits:
+                    ready, _ = ray.wait(waits, num_returns=1, timeout=_POLL_S)
                 else:  # every driver is restarting: wait for one to answer again
                     ready = []
                     time.sleep(_POLL_S)
                 for ref in ready:
+                    if ref not in outstanding:  # an actor of the first wave answered
+                        continue
                     p, unit, attempt = outstanding.pop(ref)
                     load[p] -= 1
                     failure = self._collect(ref, unit, records, p)

@@ -1,0 +1,114 @@
+"""The run's agents and partition drivers, started in two waves.
+
+Ray starts the worker processes of every pending actor at once. On a node with few cores they
+share the CPU (each imports Ray and the runtime) and all become ready together, late: on 2 cores,
+four processes take ~2.5 s where two take ~1.4 s. The first row only needs partition 0's driver
+and a replica of the role it goes to first, so those start alone; every other actor starts when
+they answer (or after `_FIRST_WAVE_S`, should one of them never be placed). Rows bound for an
+agent of the second wave wait in `hand_off`, which retries until the name resolves.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import ray
+
+from matrix_provider.runtime import names
+from matrix_provider.runtime.agents import Agent
+from matrix_provider.runtime.driver import PartitionDriver
+from matrix_provider.runtime.pipeline import Pipeline
+from matrix_provider.runtime.spec import PipelineSpec
+
+_BIG = 100_000  # async actors: concurrency is bounded by credits and worker counts, not by Ray
+_FIRST_WAVE_S = 10.0  # start the second wave after this long even if the first has not answered
+
+
+def first_roles(pipeline: Pipeline, spec: PipelineSpec) -> set[str]:
+    """The roles a row can go to first: the pipeline's route of a blank row, else every role."""
+    try:
+        msg = pipeline.orchestrator(id="", partition=0, delivery=1, deadline=0.0, row={}, key="")
+        role = msg.route(None)
+    except Exception:  # a route that reads the row: any role may come first
+        return set(spec.roles)
+    return {role} if role in spec.roles else set(spec.roles)
+
+
+class RunActors:
+    """Creates the run's actors (first wave at once, the rest on `poll`) and kills them all at the end.
+
+    `agents` (by name) and `drivers` (by partition) grow in place as the second wave starts.
+    """
+
+    def __init__(self, spec: PipelineSpec, pipeline: Pipeline, run_id: str, generation: int, client_config: Any):
+        self.spec = spec
+        self.run_id = run_id
+        self.generation = generation
+        self.client_config = client_config
+        self.spec_json = spec.model_dump_json()
+        self.agents: dict[str, Any] = {}
+        self.drivers: list[Any] = []
+        first = first_roles(pipeline, spec)
+        self._first: list[Callable[[], Any]] = [
+            lambda: self._driver(0),
+            *(lambda r=r: self._agent(r, 0) for r in first),
+        ]
+        self._rest: list[Callable[[], Any]] = [
+            *(lambda r=r: self._agent(r, 0) for r in spec.roles if r not in first),
+            *(lambda p=p: self._driver(p) for p in range(1, spec.run.partitions)),
+            *(lambda r=r, i=i: self._agent(r, i) for r, s in spec.roles.items() for i in range(1, s.replicas)),
+        ]
+        self._answers: list[Any] = []
+        self._deadline = 0.0
+
+    def start(self) -> None:
+        """The first wave; `waiting()` holds its readiness calls until `poll` starts the rest."""
+        self._answers = [create() for create in self._first]
+        self._deadline = time.monotonic() + _FIRST_WAVE_S
+
+    def waiting(self) -> list[Any]:
+        """Calls whose answer starts the second wave (empty once it started)."""
+        return self._answers
+
+    def poll(self) -> None:
+        """Start the second wave once the first answered, or its time is up."""
+        if not self._answers:
+            return
+        ready, _ = ray.wait(self._answers, num_returns=len(self._answers), timeout=0)
+        if len(ready) == len(self._answers) or time.monotonic() >= self._deadline:
+            self._answers = []
+            for create in self._rest:
+                create()
+            self._rest = []
+
+    def kill(self) -> None:
+        for actor in [*self.drivers, *self.agents.values()]:
+            ray.kill(actor, no_restart=True)
+
+    def _agent(self, role: str, i: int) -> Any:
+        role_spec = self.spec.roles[role]
+        name = names.agent_name(self.run_id, role, i)
+        agent = Agent.options(
+            name=name,
+            namespace=names.NAMESPACE,
+            num_cpus=role_spec.num_cpus,
+            num_gpus=role_spec.num_gpus,
+            resources=role_spec.resources or None,
+            max_concurrency=_BIG,
+            scheduling_strategy="SPREAD",
+        ).remote(self.run_id, role, self.spec_json, self.client_config)
+        self.agents[name] = agent
+        return agent.incarnation.remote()
+
+    def _driver(self, partition: int) -> Any:
+        driver = PartitionDriver.options(
+            name=names.driver_name(self.run_id, partition),
+            namespace=names.NAMESPACE,
+            num_cpus=self.spec.resources.driver_num_cpus,
+            max_concurrency=_BIG,
+            scheduling_strategy="SPREAD",
+        ).remote(self.run_id, partition, self.spec_json, self.generation)
+        self.drivers.append(driver)
+        return driver.stats.remote()

@@ -1,0 +1,98 @@
+"""Start-up in two waves: the first row's path starts alone, the rest joins when it answers, and rows
+bound for an agent that has not started yet wait for it instead of failing."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import pytest
+import ray
+
+from matrix_provider.runtime import names
+from matrix_provider.runtime.actors import RunActors, first_roles
+from matrix_provider.runtime.agents import PeerDirectory, PeerMissing, hand_off
+from matrix_provider.runtime.orchestrator import Orchestrator
+from matrix_provider.runtime.pipeline import load_pipeline
+from matrix_provider.runtime.spec import compose
+
+
+def _spec(name: str, partitions: int = 1):
+    return compose(name, [], {"input": "-", "output": "-", "partitions": partitions})
+
+
+@pytest.mark.parametrize(
+    ("pipeline", "expected"),
+    [
+        ("natural_reasoning", {"filter"}),
+        ("tau2", {"user"}),
+        ("prefilter", set()),
+        # coral's route reads the row's gold answer: a blank row tells nothing, so every role is first
+        ("coral", {"agent_a", "agent_b", "extract", "match"}),
+    ],
+)
+def test_the_first_wave_holds_the_roles_a_row_goes_to_first(pipeline: str, expected: set[str]) -> None:
+    spec = _spec(pipeline)
+    assert first_roles(load_pipeline(spec.pipeline), spec) == expected
+
+
+@ray.remote(num_cpus=0)
+class _Inbox:
+    def __init__(self) -> None:
+        self.got: list[str] = []
+
+    async def enqueue_many(self, msgs: list[Orchestrator]) -> None:
+        self.got.extend(m.id for m in msgs)
+
+    async def ids(self) -> list[str]:
+        return self.got
+
+
+def test_a_row_for_an_agent_not_started_yet_waits_for_it(ray_client) -> None:
+    run_id = uuid.uuid4().hex[:8]
+    peers = PeerDirectory(run_id, {"late": 2})
+    with pytest.raises(PeerMissing, match="no replica of role 'late' has started yet"):
+        peers.agent("late")
+
+    def start(i: int):
+        return _Inbox.options(name=names.agent_name(run_id, "late", i), namespace=names.NAMESPACE).remote()
+
+    async def deliver_while_it_starts():
+        msg = Orchestrator(id="row-1", partition=0, delivery=1, deadline=time.time() + 60, row={})
+        sending = asyncio.ensure_future(hand_off(peers, "late", msg))
+        await asyncio.sleep(0.5)
+        assert not sending.done()  # held, retrying, not failed
+        first = start(0)
+        await asyncio.wait_for(sending, 30)
+        return first
+
+    first = asyncio.run(deliver_while_it_starts())
+    assert ray.get(first.ids.remote()) == ["row-1"]
+    with pytest.raises(PeerMissing, match="not every replica"):  # an audit now would be inconclusive
+        peers.all_agents()
+    second = start(1)
+    time.sleep(0.3)
+    assert len(peers.all_agents()) == 2
+    for actor in (first, second):
+        ray.kill(actor)
+
+
+def test_run_actors_start_the_first_rows_path_then_the_rest(ray_client) -> None:
+    spec = _spec("natural_reasoning", partitions=3)
+    run_id = uuid.uuid4().hex[:8]
+    actors = RunActors(spec, load_pipeline(spec.pipeline), run_id, 1, None)
+    try:
+        actors.start()
+        assert len(actors.drivers) == 1
+        assert set(actors.agents) == {names.agent_name(run_id, "filter", 0)}
+        actors.poll()  # nothing answered yet: the second wave waits
+        assert len(actors.drivers) == 1
+        ray.get(actors.waiting(), timeout=60)
+        actors.poll()
+        assert actors.waiting() == []
+        assert len(actors.drivers) == 3
+        expected = {names.agent_name(run_id, r, i) for r, s in spec.roles.items() for i in range(s.replicas)}
+        assert set(actors.agents) == expected
+    finally:
+        actors.kill()
