@@ -98,6 +98,22 @@ def test_a_loop_with_ten_times_more_rows_than_its_queues_finishes(ray_cluster, t
     assert all(r["status"] == "error" and "routing loop" in r["error"] for r in rows), rows[0]
 
 
+def test_small_files_do_not_cap_the_rows_in_flight(ray_cluster, tmp_path: Path) -> None:
+    """20 files of 10 rows at 80 rows in flight: a driver that held two units at a time kept at most 20
+    rows in flight; it now takes more units while its rows in flight stay under its concurrency."""
+    src = tmp_path / "in"
+    for i in range(20):
+        write_jsonl(src / f"f{i:02d}.jsonl", 10, start=10 * i)
+    out = tmp_path / "out"
+    slow = ["llm=sim", "llm.decode_s_per_token=0.02", "llm.output_tokens_mean=10", "llm.slots=128"]
+    args = [CORAL, "--input", str(src), "--output", str(out), "--concurrency", "80", "--partitions", "1", *slow]
+    _ok(_matrix(ray_cluster, args, timeout=240))
+    assert_exactly_once(read_output(str(out)), 200)
+    manifest = read_manifest(str(out))
+    assert manifest["units"] == 20
+    assert manifest["peak_rows_in_flight"] > 40, manifest["peak_rows_in_flight"]
+
+
 def test_broken_and_vanishing_files_fail_alone(ray_cluster, tmp_path: Path) -> None:
     src = tmp_path / "in"
     write_jsonl(src / "a-good.jsonl.zst", 30, compress=True)

@@ -42,6 +42,7 @@ from matrix_provider.sandbox.pool import SandboxPoolActor
 USAGE_ERRORS = (SpecError, InputError, OutputError, backends.BackendError)
 _POLL_S = 0.5
 _UNITS_AHEAD = 2  # units handed to a driver before its first is done: reading overlaps the tail
+_MAX_UNITS_AHEAD = 16  # more while its rows in flight stay under its concurrency (small files)
 _UNIT_ATTEMPTS = 3  # a unit whose driver died or failed is handed out again, this many times in all
 _POOL_CLOSE_S = 10.0  # pools kill their sandboxes before they are killed (the `none` backend has no die-with-parent)
 FORWARDED_ENV = frozenset(
@@ -223,8 +224,9 @@ def _run_units(
                 pools.extend(_start_sandbox_pools(spec, run_id))
             actors.start()
             resumed_rows = sum(r["rows_in"] for r in records.values())
-            UnitScheduler(spec, actors, lease, quiet, resumed_rows).run(todo, records)
-            return _agent_figures(list(actors.agents.values()))
+            scheduler = UnitScheduler(spec, actors, lease, quiet, resumed_rows)
+            scheduler.run(todo, records)
+            return {**_agent_figures(list(actors.agents.values())), "peak_rows_in_flight": scheduler.peak_in_flight}
         finally:
             actors.kill()
             if pools:  # after the agents: no call starts a sandbox once its pool closed
@@ -303,6 +305,7 @@ class UnitScheduler:
         self.stats: dict[str, dict[str, Any]] = {}
         self.suspect: set[int] = set()
         self.next_ping = 0.0
+        self.peak_in_flight = 0  # the most rows in flight the drivers reported at once
 
     def run(self, todo: list[Split], records: dict[str, dict[str, Any]]) -> None:
         queue = collections.deque((unit, 1) for unit in todo)
@@ -313,7 +316,7 @@ class UnitScheduler:
                 self.actors.poll()
                 for p, driver in enumerate(self.drivers):
                     self.stats_pings.actors.setdefault(str(p), driver)
-                    while queue and load[p] < _UNITS_AHEAD and p not in self.suspect:
+                    while queue and load[p] < self._units_ahead(p, load[p]) and p not in self.suspect:
                         unit, attempt = queue.popleft()
                         outstanding[driver.run_unit.remote(unit)] = (p, unit, attempt)
                         load[p] += 1
@@ -338,6 +341,15 @@ class UnitScheduler:
                 self._watch()
         finally:
             self.reporter.close()
+
+    def _units_ahead(self, p: int, load: int) -> int:
+        """Units driver `p` may hold: two, then one more each time its latest figures count every unit
+        it holds and fewer rows in flight than its concurrency, so files smaller than the rows in
+        flight do not cap them, while big units keep the reading ahead (and buffers) at two."""
+        stats = self.stats.get(str(p))
+        if stats is None or stats["open_units"] < load or stats["in_flight"] >= self.spec.run.concurrency:
+            return _UNITS_AHEAD
+        return min(load + 1, _MAX_UNITS_AHEAD)
 
     def _collect(self, ref: Any, unit: Split, records: dict[str, dict[str, Any]], p: int) -> str | None:
         """Take a finished unit's record; returns why it failed, if it did."""
@@ -374,6 +386,7 @@ class UnitScheduler:
         if self.stats:
             totals = {k: sum(s[k] for s in self.stats.values()) for k in next(iter(self.stats.values()))}
             totals["rows_resumed"] = self.resumed
+            self.peak_in_flight = max(self.peak_in_flight, totals["in_flight"])
             self.reporter.update(totals)
 
 
