@@ -2,13 +2,16 @@
 
     python bench/run.py [--quick] [--out FILE] [--skip-embedded] [--sections a,b,...]
 
-Sections (the quick run does compare, sweep, controller and model, smaller):
+Sections (the quick run does compare, sweep, controller, model and filter, smaller):
   compare      natural_reasoning through every runner at equal rows in flight, 3 repetitions each in
                random order (median and range): start-up, steady busy share, prompt and completion
                tokens/s, PSS by process kind; quality figures side by side (coral too in the full run)
   sweep        the fewest rows in flight at which each runner keeps the backend 90 % busy
   controller   a backend that is never the bottleneck and CPU work in every step: calls/s of
                central, sharded central and p2p, CPU-ms per call by process kind, the loop's lag
+  filter       documents/s through natural_reasoning's admission filters (ours, then datatrove's
+               blocks) on DCLM-like real pages: p2p (prefilter, 2 drivers) vs datatrove's executor vs
+               the central baseline, the same filter objects on the same documents (bench/filter_bench.py)
   model        the discrete-event model (bench/model.py) checked against the measured points and
                extrapolated to 32 nodes x 8 GPUs
   units        p2p over the same rows in 1, 4 and 16 input files (a driver holds three work units)
@@ -45,7 +48,7 @@ import ray.data
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench import model, runners, workload  # noqa: E402
+from bench import filter_bench, model, runners, workload  # noqa: E402
 from bench.plot import plot  # noqa: E402
 from bench.sampling import Sampler  # noqa: E402
 from bench.workload import CONTROLLER_BOUND, CORAL, NATURAL_REASONING, Workload  # noqa: E402
@@ -69,6 +72,8 @@ QUICK = {
     "controller_rows": 400,
     "in_flight": [],
     "sweep_rows": 300,
+    "filter_docs": 12000,
+    "filter_reps": 1,
 }
 FULL = {
     "rows": 600,
@@ -80,6 +85,8 @@ FULL = {
     "controller_rows": 600,
     "in_flight": [100, 1000, 4000],
     "sweep_rows": 600,
+    "filter_docs": 30000,
+    "filter_reps": 3,
 }
 # The backend-bound simulator: a vLLM-like replica (step time grows with batch and context) with 64
 # sequence slots, ~1 s calls, prefill at 5 us a prompt token: ~70 calls/s at full batch, which the 2
@@ -498,18 +505,21 @@ def print_table(res: dict[str, Any]) -> None:
     Console(width=160).print(table)
 
 
-SECTIONS = ("compare", "sweep", "controller", "model", "units", "in_flight", "partitions", "offload", "scaling", "hop")
+SECTIONS = (
+    *("compare", "sweep", "controller", "model", "filter"),  # the quick run's
+    *("units", "in_flight", "partitions", "offload", "scaling", "hop"),
+)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smaller, the first four sections only: under 6 minutes")
+    parser.add_argument("--quick", action="store_true", help="smaller, the first five sections only: under 6 minutes")
     parser.add_argument("--out", type=Path, help="write the figures here (default bench/results/<timestamp>.json)")
     parser.add_argument("--skip-embedded", action="store_true", help="leave out the real-model quality run")
     parser.add_argument("--sections", help="comma-separated sections to run (default: all of the mode's)")
     args = parser.parse_args()
     size = QUICK if args.quick else FULL
-    chosen = set(args.sections.split(",")) if args.sections else set(SECTIONS[:4] if args.quick else SECTIONS)
+    chosen = set(args.sections.split(",")) if args.sections else set(SECTIONS[:5] if args.quick else SECTIONS)
     ray.init(
         address="local",
         include_dashboard=False,
@@ -551,6 +561,10 @@ def main() -> None:
         w = max(size["controller_w_ms"])
         at = res["controller"]["by_w"][f"{w:g}"]
         res["controller_bound"] = {"w_ms": w, **{f"{k}_calls_per_s": v["calls_per_s"] for k, v in at.items()}}
+    if "filter" in chosen:
+        res["filter"] = filter_bench.section(bench.work, size["filter_docs"], size["filter_reps"])
+        res["filter_docs_per_s"] = {k: v["docs_per_s"] for k, v in res["filter"]["runners"].items()}
+        print(f"  filter: {json.dumps(res['filter_docs_per_s'])} (fixed costs {res['filter']['fixed_s']})")
     if "units" in chosen:
         res["units_steady_utilization"] = bench.units([1, 4, 16], size["rows"])
     if "in_flight" in chosen:

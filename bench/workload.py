@@ -1,6 +1,6 @@
 """The benchmark workloads and the simulator they run on.
 
-- `natural_reasoning`: every document passes the cheap checks, so each row makes 1 to 3 LLM calls
+- `natural_reasoning`: every document passes the admission checks, so each row makes 1 to 3 LLM calls
   (filter, then score and question for the survivors, ~23 %), the shipped pipeline's own roles.
 - `coral`: `bench/coral_shaped.py`, a proposer and a critic talking for 1 to 8 rounds (2 to 16
   calls) with a growing history.
@@ -104,15 +104,25 @@ def write_corpus(
     outs = [(directory / f"shard-{i:03d}.jsonl").open("w") for i in range(files)]
     for i in range(rows):
         if kb is None:
-            words = [rng.choice(_WORDS) for _ in range(rng.randint(160, 400))]
+            words = rng.randint(160, 400)
         else:
-            size = 1000 * math.exp(rng.uniform(math.log(kb[0]), math.log(kb[1])))
-            words = [rng.choice(_WORDS) for _ in range(int(size / 5))]  # 5 characters a word with its space
-        text = f"Document {i}. " + " ".join(words)
+            words = int(1000 * math.exp(rng.uniform(math.log(kb[0]), math.log(kb[1]))) / 5)  # 5 chars a word
+        text = f"Document {i}. " + _prose(rng, words)
         outs[i % files].write(json.dumps({"id": f"doc-{i}", "text": text}) + "\n")
     for out in outs:
         out.close()
     return directory
+
+
+def _prose(rng: random.Random, words: int) -> str:
+    """`words` random words as sentences in paragraphs of four, so that the documents pass
+    natural_reasoning's admission (datatrove's blocks want terminal punctuation and lines)."""
+    sentences = []
+    while words > 0:
+        n = min(words, rng.randint(8, 16))
+        sentences.append(" ".join(rng.choice(_WORDS) for _ in range(n)).capitalize() + ".")
+        words -= n
+    return "\n".join(" ".join(sentences[k : k + 4]) for k in range(0, len(sentences), 4))
 
 
 def sim_spec(
