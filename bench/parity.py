@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 from bench import runners  # noqa: E402
 from bench.workload import Workload, write_corpus  # noqa: E402
 from matrix_provider.llm.backends import deploy  # noqa: E402
+from matrix_provider.pipelines.doc_filters import DATATROVE_BLOCKS  # noqa: E402
 from matrix_provider.runtime.job import run_backend  # noqa: E402
 from matrix_provider.runtime.spec import compose  # noqa: E402
 
@@ -119,9 +120,16 @@ def _jsonl(directory: Path, rows: list[dict[str, Any]]) -> Path:
 
 
 CASES: dict[str, Case] = {
-    # Cheap checks relaxed so that every document reaches the LLM steps: parity of what the LLM decides.
+    # Admission relaxed so that every document reaches the LLM steps: parity of what the LLM decides.
     "natural_reasoning": Case(
-        "natural_reasoning", _documents, _natural_reasoning, ("params.min_words=20", "params.min_cues_per_1000_words=0")
+        "natural_reasoning",
+        _documents,
+        _natural_reasoning,
+        (
+            "params.min_words=20",
+            "params.min_cues_per_1000_words=0",
+            *(f"params.{block}.enabled=false" for block in DATATROVE_BLOCKS),
+        ),
     ),
     "coral": Case("coral", _questions, _coral, ("params.max_turns=4",)),
     # Airline's policy and tool schemas need SmolLM2's long context: few, short dialogues on the CPU model.
