@@ -385,6 +385,7 @@ class PartitionDriver:
             "results_dropped": t["results_dropped"],
             "in_flight": len(self.in_flight),
             "open_units": len(self.units),
+            "units_reading": sum(run.reading for run in self.units.values()),
             "prompt_tokens": t["prompt_tokens"],
             "completion_tokens": t["completion_tokens"],
         }

@@ -344,10 +344,16 @@ class UnitScheduler:
 
     def _units_ahead(self, p: int, load: int) -> int:
         """Units driver `p` may hold: two, then one more each time its latest figures count every unit
-        it holds and fewer rows in flight than its concurrency, so files smaller than the rows in
-        flight do not cap them, while big units keep the reading ahead (and buffers) at two."""
+        it holds, all of them read, and fewer rows in flight than its concurrency. So files smaller
+        than the rows in flight do not cap them, while a driver still reading (big units, or rows the
+        admission check drops as fast as they are read) keeps its reading ahead and buffers at two."""
         stats = self.stats.get(str(p))
-        if stats is None or stats["open_units"] < load or stats["in_flight"] >= self.spec.run.concurrency:
+        if (
+            stats is None
+            or stats["open_units"] < load
+            or stats["units_reading"]
+            or stats["in_flight"] >= self.spec.run.concurrency
+        ):
             return _UNITS_AHEAD
         return min(load + 1, _MAX_UNITS_AHEAD)
 
