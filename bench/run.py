@@ -72,7 +72,7 @@ QUICK = {
     "controller_rows": 400,
     "in_flight": [],
     "sweep_rows": 300,
-    "filter_docs": 12000,
+    "filter_docs": 8000,
     "filter_reps": 1,
 }
 FULL = {
