@@ -62,6 +62,9 @@ RESULTS = ROOT / "bench" / "results"
 RUNNERS = ("p2p", "central", "ray_data", "ray_data_fused")
 BUSY = 0.9  # the steady busy share a runner must keep the backend at
 CB_IN_FLIGHT = 128  # rows in flight in the controller-bound section
+# p2p agents per role there: a role's one event loop runs its steps' CPU work one at a time, so with
+# one replica per role a role waits while the other is backed up; two let the OS balance the cores.
+CB_REPLICAS = 2
 QUICK = {
     "rows": 300,
     "concurrency": 128,
@@ -410,7 +413,8 @@ def controller_runner(
     """A controller-bound runner; the central ones put their loop's lags in `lags`."""
     wl = CONTROLLER_BOUND
     if name == "p2p":
-        return lambda: runners.run_p2p(wl, corpus, out, overrides, 2, CB_IN_FLIGHT // 2)
+        replicas = tuple(f"roles.{r}.replicas={CB_REPLICAS}" for r in ("a", "b"))
+        return lambda: runners.run_p2p(wl, corpus, out, overrides, 2, CB_IN_FLIGHT // 2, replicas)
     processes = 2 if name == "sharded_central" else 1
     return lambda: runners.run_central_processes(wl, corpus, config, overrides, CB_IN_FLIGHT, processes, lags)
 
