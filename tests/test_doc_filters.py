@@ -110,7 +110,7 @@ def test_prefilter_run_writes_datatrove_reasons_and_row_errors(ray_cluster, tmp_
         {"id": "numbers", "text": _few_alpha_words(6)},
         {"id": "short", "text": "three words here"},
         {"id": "empty", "text": ""},
-        {"id": "one-line", "text": "word" * 500_000},
+        {"id": "one-line", "text": "word" * 200_000},
         {"id": "binary", "text": "\x00\x01\xfe" * 5000},
         {"id": "number", "text": 42},
     ]
