@@ -40,6 +40,14 @@ ENV = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
         ),
         (["natural_reasoning", "--input", str(CORPUS), "--output", "/proc/forbidden/out"], "is not writable"),
         (
+            ["natural_reasoning", "--input", str(CORPUS), "--output", "OUT", "params.gopher_quality.min_doc_wordz=5"],
+            "params.gopher_quality: unknown key 'min_doc_wordz'",
+        ),
+        (
+            ["prefilter", "--input", str(CORPUS), "--output", "OUT", "params.min_words=-1"],
+            "params.min_words must be a number >= 0",
+        ),
+        (
             ["natural_reasoning", "--input", str(CORPUS), "--output", "OUT", "notakeyvalue"],
             "unrecognized arguments: notakeyvalue",
         ),

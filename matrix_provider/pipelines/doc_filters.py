@@ -162,6 +162,11 @@ def build_chain(params: dict[str, Any]) -> list[Check]:
     return chain
 
 
+def check_params(params: dict[str, Any]) -> None:
+    """The pipelines' `Pipeline.check_params`: builds the chain once, so a bad key fails the run at once."""
+    build_chain(params)
+
+
 def _number(params: dict[str, Any], key: str, default: float) -> float:
     value = params.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:

@@ -15,7 +15,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from matrix_provider.pipelines.doc_filters import document_verdict
+from matrix_provider.pipelines.doc_filters import check_params, document_verdict
 from matrix_provider.runtime.orchestrator import FILTERED, OK, Orchestrator
 from matrix_provider.runtime.pipeline import Pipeline
 from matrix_provider.runtime.roles import LLMRole, RowError, json_schema
@@ -140,6 +140,7 @@ PIPELINE = Pipeline(
     orchestrator=NaturalReasoningOrchestrator,
     roles={"filter": FilterRole, "score": ScoreRole, "question": QuestionRole},
     admit=cheap_checks,
+    check_params=check_params,
     columns=pa.schema(
         [
             pa.field("url", pa.string()),

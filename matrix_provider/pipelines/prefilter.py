@@ -11,6 +11,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from matrix_provider.pipelines.doc_filters import check_params
 from matrix_provider.pipelines.natural_reasoning import cheap_checks
 from matrix_provider.runtime.orchestrator import OK, Orchestrator
 from matrix_provider.runtime.pipeline import Pipeline
@@ -35,4 +36,5 @@ PIPELINE = Pipeline(
     columns=pa.schema([pa.field("url", pa.string()), pa.field("chars", pa.int64())]),
     output=output,
     admit=cheap_checks,
+    check_params=check_params,
 )

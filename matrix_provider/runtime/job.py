@@ -67,6 +67,11 @@ def check_pipeline(spec: PipelineSpec) -> Pipeline:
         pipeline = load_pipeline(spec.pipeline)
     except ValueError as exc:
         raise SpecError(str(exc)) from None
+    if pipeline.check_params is not None:
+        try:
+            pipeline.check_params(spec.params)
+        except ValueError as exc:
+            raise SpecError(str(exc)) from None
     missing = set(pipeline.roles) - set(spec.roles)
     extra = set(spec.roles) - set(pipeline.roles)
     if missing or extra:

@@ -38,6 +38,9 @@ class Pipeline:
     """Cheap CPU checks of a row (and the spec's `params`), run by its partition driver as the row is
     read: a reason filters the row there, so a dropped document never crosses a process; None lets
     it in."""
+    check_params: Callable[[dict[str, Any]], None] | None = None
+    """Checks the spec's `params` before the run takes its output: raise ValueError naming the key,
+    so bad params fail the run at once with that message instead of making every row an error."""
     uses_sandbox: bool = False
     """Its roles run tools through `Role.sandbox`: the run starts sandbox pools (spec `sandbox`)."""
     summarize: Callable[[pa.Table], dict[str, Any]] | None = None
