@@ -45,6 +45,7 @@ from matrix_provider.runtime.spec import PipelineSpec
 
 logger = logging.getLogger(__name__)
 _READ_BATCH = 256
+_FIRST_BATCH = 8  # the first rows go out after 8 admission checks, not 256: batches double from here
 _AUDIT_GAP_S = 1.0
 _TOP_REASONS = 20
 _REASON_DETAIL = re.compile(r"\s*\([^)]*\)")  # "too short (12 words)" counts as "too short"
@@ -146,7 +147,9 @@ class PartitionDriver:
         slots = self._ensure_started()
         records = read_unit(self.in_fs, run.unit, self.spec.io)
         index = 0
-        while batch := await asyncio.to_thread(_take, records, _READ_BATCH, self.pipeline, self.spec.params):
+        size = _FIRST_BATCH
+        while batch := await asyncio.to_thread(_take, records, size, self.pipeline, self.spec.params):
+            size = min(2 * size, _READ_BATCH)
             for record, verdict in batch:
                 run.counts["rows_in"] += 1
                 if record.id in run.seen:
