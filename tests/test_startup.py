@@ -96,3 +96,14 @@ def test_run_actors_start_the_first_rows_path_then_the_rest(ray_client) -> None:
         assert set(actors.agents) == expected
     finally:
         actors.kill()
+
+
+def test_a_pipeline_without_agents_starts_every_driver_at_once(ray_client) -> None:
+    """prefilter's drivers do all its work: holding one back would leave its core idle."""
+    spec = _spec("prefilter", partitions=2)
+    actors = RunActors(spec, load_pipeline(spec.pipeline), uuid.uuid4().hex[:8], 1, None)
+    try:
+        actors.start()
+        assert len(actors.drivers) == 2 and not actors.agents
+    finally:
+        actors.kill()

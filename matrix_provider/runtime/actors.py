@@ -3,7 +3,8 @@
 Ray starts the worker processes of every pending actor at once. On a node with few cores they
 share the CPU (each imports Ray and the runtime) and all become ready together, late: on 2 cores,
 four processes take ~2.5 s where two take ~1.4 s. The first row only needs partition 0's driver
-and a replica of the role it goes to first, so those start alone; every other actor starts when
+and a replica of the role it goes to first, so those start alone (a pipeline without agents, whose
+drivers do all the work, starts every driver at once); every other actor starts when
 they answer (or after `_FIRST_WAVE_S`, should one of them never be placed). Rows bound for an
 agent of the second wave wait in `hand_off`, which retries until the name resolves.
 """
@@ -51,13 +52,15 @@ class RunActors:
         self.agents: dict[str, Any] = {}
         self.drivers: list[Any] = []
         first = first_roles(pipeline, spec)
+        # Without agents the drivers do all the work (prefilter): every one of them is first.
+        first_drivers = spec.run.partitions if not spec.roles else 1
         self._first: list[Callable[[], Any]] = [
-            lambda: self._driver(0),
+            *(lambda p=p: self._driver(p) for p in range(first_drivers)),
             *(lambda r=r: self._agent(r, 0) for r in first),
         ]
         self._rest: list[Callable[[], Any]] = [
             *(lambda r=r: self._agent(r, 0) for r in spec.roles if r not in first),
-            *(lambda p=p: self._driver(p) for p in range(1, spec.run.partitions)),
+            *(lambda p=p: self._driver(p) for p in range(first_drivers, spec.run.partitions)),
             *(lambda r=r, i=i: self._agent(r, i) for r, s in spec.roles.items() for i in range(1, s.replicas)),
         ]
         self._answers: list[Any] = []
