@@ -16,6 +16,8 @@ from matrix_provider.runtime.agents import PeerDirectory, PeerMissing, hand_off
 from matrix_provider.runtime.orchestrator import Orchestrator
 from matrix_provider.runtime.pipeline import load_pipeline
 from matrix_provider.runtime.spec import compose
+from tests.conftest import REPO, run_matrix
+from tests.corpus import write_jsonl
 
 
 def _spec(name: str, partitions: int = 1):
@@ -107,3 +109,19 @@ def test_a_pipeline_without_agents_starts_every_driver_at_once(ray_client) -> No
         assert len(actors.drivers) == 2 and not actors.agents
     finally:
         actors.kill()
+
+
+def test_an_agent_that_cannot_start_fails_the_run_with_its_cause(ray_cluster, tmp_path) -> None:
+    """Ray does not restart an actor whose constructor raised: rows for it would only wait and retry."""
+    src = write_jsonl(tmp_path / "in" / "d.jsonl", 20)
+    spec = str(REPO / "tests" / "pipelines" / "broken_role.yaml")
+    started = time.monotonic()
+    result = run_matrix(
+        ["run", spec, "--input", str(src), "--output", str(tmp_path / "out"), "--quiet"],
+        {**ray_cluster.env, "PYTHONPATH": str(REPO)},
+        timeout=180,
+    )
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "agent broken-0 could not start" in result.stderr, result.stderr[-2000:]
+    assert "model file /models/missing.gguf does not exist" in result.stderr, result.stderr[-2000:]
+    assert time.monotonic() - started < 60

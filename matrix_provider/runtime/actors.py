@@ -37,6 +37,10 @@ def first_roles(pipeline: Pipeline, spec: PipelineSpec) -> set[str]:
     return {role} if role in spec.roles else set(spec.roles)
 
 
+class ActorInitFailed(RuntimeError):
+    """An agent's or driver's constructor raised: the run cannot go on without it."""
+
+
 class RunActors:
     """Creates the run's actors (first wave at once, the rest on `poll`) and kills them all at the end.
 
@@ -54,43 +58,62 @@ class RunActors:
         first = first_roles(pipeline, spec)
         # Without agents the drivers do all the work (prefilter): every one of them is first.
         first_drivers = spec.run.partitions if not spec.roles else 1
-        self._first: list[Callable[[], Any]] = [
+        self._first: list[Callable[[], tuple[str, Any]]] = [
             *(lambda p=p: self._driver(p) for p in range(first_drivers)),
             *(lambda r=r: self._agent(r, 0) for r in first),
         ]
-        self._rest: list[Callable[[], Any]] = [
+        self._rest: list[Callable[[], tuple[str, Any]]] = [
             *(lambda r=r: self._agent(r, 0) for r in spec.roles if r not in first),
             *(lambda p=p: self._driver(p) for p in range(first_drivers, spec.run.partitions)),
             *(lambda r=r, i=i: self._agent(r, i) for r, s in spec.roles.items() for i in range(1, s.replicas)),
         ]
-        self._answers: list[Any] = []
+        self._pending: dict[Any, str] = {}  # readiness calls not answered yet -> the actor's name
+        self._first_pending: set[Any] = set()
         self._deadline = 0.0
 
     def start(self) -> None:
-        """The first wave; `waiting()` holds its readiness calls until `poll` starts the rest."""
-        self._answers = [create() for create in self._first]
+        """The first wave; `poll` starts the rest once it answered."""
+        self._first_pending = set(self._create(self._first))
         self._deadline = time.monotonic() + _FIRST_WAVE_S
 
     def waiting(self) -> list[Any]:
-        """Calls whose answer starts the second wave (empty once it started)."""
-        return self._answers
+        """The first wave's unanswered readiness calls, while the second wave waits for them."""
+        return list(self._first_pending) if self._rest else []
 
     def poll(self) -> None:
-        """Start the second wave once the first answered, or its time is up."""
-        if not self._answers:
-            return
-        ready, _ = ray.wait(self._answers, num_returns=len(self._answers), timeout=0)
-        if len(ready) == len(self._answers) or time.monotonic() >= self._deadline:
-            self._answers = []
-            for create in self._rest:
-                create()
+        """Take the readiness answers, then start the second wave once the first answered or its
+        time is up. Raises ActorInitFailed for an actor whose constructor failed: Ray does not
+        restart it, so rows bound for it would only wait."""
+        if self._pending:
+            ready, _ = ray.wait(list(self._pending), num_returns=len(self._pending), timeout=0)
+            for ref in ready:
+                name = self._pending.pop(ref)
+                self._first_pending.discard(ref)
+                try:
+                    ray.get(ref)
+                except ray.exceptions.RayActorError as exc:
+                    if exc.actor_init_failed:
+                        last = str(exc).strip().splitlines()[-1][:300]
+                        raise ActorInitFailed(f"{name} could not start: {last}") from None
+                except ray.exceptions.RayError:  # died after starting: Ray restarts it, the job's pings see it
+                    continue
+        if self._rest and (not self._first_pending or time.monotonic() >= self._deadline):
+            self._create(self._rest)
             self._rest = []
+
+    def _create(self, wave: list[Callable[[], tuple[str, Any]]]) -> list[Any]:
+        refs = []
+        for create in wave:
+            name, ref = create()
+            self._pending[ref] = name
+            refs.append(ref)
+        return refs
 
     def kill(self) -> None:
         for actor in [*self.drivers, *self.agents.values()]:
             ray.kill(actor, no_restart=True)
 
-    def _agent(self, role: str, i: int) -> Any:
+    def _agent(self, role: str, i: int) -> tuple[str, Any]:
         role_spec = self.spec.roles[role]
         name = names.agent_name(self.run_id, role, i)
         agent = Agent.options(
@@ -103,9 +126,9 @@ class RunActors:
             scheduling_strategy="SPREAD",
         ).remote(self.run_id, role, self.spec_json, self.client_config)
         self.agents[name] = agent
-        return agent.incarnation.remote()
+        return f"agent {role}-{i}", agent.incarnation.remote()
 
-    def _driver(self, partition: int) -> Any:
+    def _driver(self, partition: int) -> tuple[str, Any]:
         driver = PartitionDriver.options(
             name=names.driver_name(self.run_id, partition),
             namespace=names.NAMESPACE,
@@ -114,4 +137,4 @@ class RunActors:
             scheduling_strategy="SPREAD",
         ).remote(self.run_id, partition, self.spec_json, self.generation)
         self.drivers.append(driver)
-        return driver.stats.remote()
+        return f"partition driver {partition}", driver.stats.remote()

@@ -29,7 +29,7 @@ import ray
 from matrix_provider import __version__
 from matrix_provider.llm import backends
 from matrix_provider.runtime import names
-from matrix_provider.runtime.actors import RunActors
+from matrix_provider.runtime.actors import ActorInitFailed, RunActors
 from matrix_provider.runtime.lease import Lease, StaleRun
 from matrix_provider.runtime.pipeline import Pipeline, load_pipeline
 from matrix_provider.runtime.progress import Reporter, print_summary
@@ -318,7 +318,13 @@ class UnitScheduler:
         load: collections.Counter[int] = collections.Counter()
         try:
             while queue or outstanding:
-                self.actors.poll()
+                agents = len(self.actors.agents)
+                try:
+                    self.actors.poll()
+                except ActorInitFailed as exc:
+                    raise RunFailed(str(exc)) from None
+                if len(self.actors.agents) > agents:  # the second wave: learn its incarnations from the start
+                    self.agent_pings.send()
                 for p, driver in enumerate(self.drivers):
                     self.stats_pings.actors.setdefault(str(p), driver)
                     while queue and load[p] < self._units_ahead(p, load[p]) and p not in self.suspect:
