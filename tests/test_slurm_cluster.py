@@ -112,7 +112,20 @@ def test_cluster_on_slurm_runs_a_pipeline_that_prometheus_scrapes(env, tmp_path:
         stderr=subprocess.DEVNULL,
     )
     prometheus = f"http://127.0.0.1:{port}/api/v1"
+
+    def scraping() -> bool:
+        try:
+            targets = httpx.get(f"{prometheus}/targets", timeout=5).json()["data"]["activeTargets"]
+        except (httpx.HTTPError, ValueError):
+            return False
+        return any(t["health"] == "up" for t in targets)
+
     try:
+        # As an operator would: the scrape is live before the run starts, so it sees every series from 0.
+        deadline = time.monotonic() + 60
+        while not scraping() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert scraping(), "Prometheus never scraped the cluster's metrics agents"
         run_env = {
             **env,
             "RAY_ADDRESS": info["gcs_address"],
@@ -129,8 +142,10 @@ def test_cluster_on_slurm_runs_a_pipeline_that_prometheus_scrapes(env, tmp_path:
             data = httpx.get(f"{prometheus}/query", params={"query": promql}, timeout=10).json()["data"]["result"]
             return {json.dumps(r["metric"], sort_keys=True): float(r["value"][1]) for r in data}
 
-        # Ray's agents export every second (see above) and Prometheus scrapes every second.
-        tokens_by_role = "sum by (role) (max_over_time(rate(ray_matrix_role_tokens_total[10s])[5m:1s]))"
+        # Ray's agents export every second (see above) and Prometheus scrapes every second. Each role's
+        # counters start at 0 when its agent starts, so even a role whose whole share of this short run
+        # falls between two scrapes shows a rate on the dashboard's panel.
+        tokens_by_role = "sum by (role) (max_over_time(rate(ray_matrix_role_tokens_total[1m])[5m:1s]))"
         deadline = time.monotonic() + 30
         while len(tokens := query(tokens_by_role)) < 3 and time.monotonic() < deadline:
             time.sleep(1)

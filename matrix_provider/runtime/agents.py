@@ -28,7 +28,7 @@ from ray.exceptions import RayActorError, RayError
 
 from matrix_provider.llm.client import ClientConfig, LLMClient, LLMError
 from matrix_provider.runtime import names
-from matrix_provider.runtime.metrics import RoleMetrics
+from matrix_provider.runtime.metrics import TOKEN_KINDS, RoleMetrics
 from matrix_provider.runtime.orchestrator import ERROR, Orchestrator
 from matrix_provider.runtime.outbox import Outbox
 from matrix_provider.runtime.pipeline import load_pipeline, output_row
@@ -235,7 +235,7 @@ class Agent:
         await self._run_step(msg)
         self.metrics.latency.observe(time.monotonic() - started)
         self.metrics.processed.inc()
-        for kind in ("prompt", "completion"):
+        for kind in TOKEN_KINDS:
             spent = msg.usage[f"{kind}_tokens"] - before[f"{kind}_tokens"]
             if spent > 0:
                 self.metrics.tokens.inc(spent, {"kind": kind})
