@@ -3,6 +3,7 @@ thing the sandbox must allow or deny."""
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from pathlib import Path
@@ -40,6 +41,16 @@ class Tools:
     def tool_sleep(self, s: float) -> str:
         time.sleep(s)
         return "slept"
+
+    def tool_detach_child(self) -> int:
+        """A child in its own session (out of reach of the worker's process group) that keeps every
+        inherited descriptor, the protocol's pipes too: what a tool starting a daemon leaves."""
+        pid = os.fork()
+        if pid == 0:
+            os.setsid()
+            time.sleep(60)
+            os._exit(0)
+        return pid
 
     def tool_burn_cpu(self) -> str:
         while True:

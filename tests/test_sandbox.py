@@ -26,6 +26,7 @@ import pytest
 from matrix_provider.runtime.orchestrator import Orchestrator
 from matrix_provider.runtime.spec import OPERATIONAL_KEYS, SpecError, _drop_keys, compose
 from matrix_provider.sandbox import backends
+from matrix_provider.sandbox import pool as pool_module
 from matrix_provider.sandbox.client import SandboxClient, lease_of, pool_index
 from matrix_provider.sandbox.pool import SandboxError, SandboxPool
 from matrix_provider.sandbox.spec import SandboxSpec
@@ -172,6 +173,25 @@ def test_release_and_close_leave_no_sandbox_process() -> None:
             await pool.close()
             assert await pool.live() == 0
             assert_no_sandbox()
+
+    asyncio.run(main())
+
+
+def test_a_child_holding_the_pipes_does_not_hang_the_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Without a pid namespace (backend none here; apptainer's default too) a tool's daemon outlives
+    # the worker's killed process group and holds its pipes open: asyncio's wait() would never return.
+    monkeypatch.setattr(pool_module, "_EXIT_S", 0.5)
+
+    async def main() -> None:
+        async with open_pool(backend="none", warm=0) as pool:
+            holder = int((await call(pool, "a", "detach_child"))["content"])
+            try:
+                async with asyncio.timeout(10):
+                    await pool.release("a")
+                assert await pool.live() == 0 and psutil.pid_exists(holder)
+                assert (await call(pool, "b", "count"))["content"] == "1"  # the slot came back
+            finally:
+                os.kill(holder, 9)
 
     asyncio.run(main())
 

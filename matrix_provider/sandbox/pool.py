@@ -30,6 +30,7 @@ from matrix_provider.sandbox.spec import SandboxSpec
 logger = logging.getLogger(__name__)
 _START_S = 30.0  # a cold worker's interpreter start and host import, allowed on top of init's call_timeout_s
 _MAX_LINE = 64 << 20  # largest reply line read from a worker
+_EXIT_S = 10.0  # a killed or closed worker's exit (and its pipes' close) awaited at most this long
 _BIG = 100_000  # async actor: concurrency is bounded by pool_size, not by Ray
 
 
@@ -82,7 +83,8 @@ class Worker:
             await self.kill()
             raise WorkerLost(f"returned more than {_MAX_LINE >> 20} MiB and was stopped") from None
         if not line:
-            await self.proc.wait()
+            if not await self._exited():
+                await self.kill()
             raise WorkerLost(f"was stopped: its sandbox died ({self._exit_reason()})")
         try:
             reply = json.loads(line)
@@ -93,7 +95,8 @@ class Worker:
 
     def _exit_reason(self) -> str:
         code = self.proc.returncode
-        assert code is not None
+        if code is None:
+            return "its exit was not seen"
         # Signals show as -N from a plain subprocess, as 128+N from bwrap, which relays its child's.
         number = -code if code < 0 else code - 128 if code > 128 else 0
         if number == signal.SIGXCPU:
@@ -108,7 +111,19 @@ class Worker:
         if self.alive:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
-        await self.proc.wait()
+        if not await self._exited():
+            pid = self.proc.pid
+            logger.error("sandbox worker %d: no exit seen %gs after SIGKILL; going on without it", pid, _EXIT_S)
+
+    async def _exited(self) -> bool:
+        """Wait, at most _EXIT_S, for the exit. asyncio's wait() also waits for the pipes to close,
+        which a process left holding them could delay forever: the pool must not hang on it."""
+        try:
+            async with asyncio.timeout(_EXIT_S):
+                await self.proc.wait()
+        except TimeoutError:
+            return False
+        return True
 
 
 @dataclass
