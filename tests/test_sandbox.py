@@ -178,8 +178,8 @@ def test_release_and_close_leave_no_sandbox_process() -> None:
 
 
 def test_a_child_holding_the_pipes_does_not_hang_the_pool(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Without a pid namespace (backend none here; apptainer's default too) a tool's daemon outlives
-    # the worker's killed process group and holds its pipes open: asyncio's wait() would never return.
+    # Without a pid namespace (backend none; bwrap and apptainer's --containall have one) a tool's daemon
+    # outlives the worker's killed process group and holds its pipes open: asyncio's wait() never returns.
     monkeypatch.setattr(pool_module, "_EXIT_S", 0.5)
 
     async def main() -> None:

@@ -88,11 +88,11 @@ def test_run_actors_start_the_first_rows_path_then_the_rest(ray_client) -> None:
         actors.start()
         assert len(actors.drivers) == 1
         assert set(actors.agents) == {names.agent_name(run_id, "filter", 0)}
-        actors.poll()  # nothing answered yet: the second wave waits
+        assert not actors.poll()  # nothing answered yet: the second wave waits
         assert len(actors.drivers) == 1
         ray.get(actors.waiting(), timeout=60)
-        actors.poll()
-        assert actors.waiting() == []
+        assert actors.poll()
+        assert actors.waiting() == [] and not actors.poll()
         assert len(actors.drivers) == 3
         expected = {names.agent_name(run_id, r, i) for r, s in spec.roles.items() for i in range(s.replicas)}
         assert set(actors.agents) == expected

@@ -80,10 +80,10 @@ class RunActors:
         """The first wave's unanswered readiness calls, while the second wave waits for them."""
         return list(self._first_pending) if self._rest else []
 
-    def poll(self) -> None:
+    def poll(self) -> bool:
         """Take the readiness answers, then start the second wave once the first answered or its
-        time is up. Raises ActorInitFailed for an actor whose constructor failed: Ray does not
-        restart it, so rows bound for it would only wait."""
+        time is up; True when this call started it. Raises ActorInitFailed for an actor whose
+        constructor failed: Ray does not restart it, so rows bound for it would only wait."""
         if self._pending:
             ready, _ = ray.wait(list(self._pending), num_returns=len(self._pending), timeout=0)
             for ref in ready:
@@ -100,6 +100,8 @@ class RunActors:
         if self._rest and (not self._first_pending or time.monotonic() >= self._deadline):
             self._create(self._rest)
             self._rest = []
+            return True
+        return False
 
     def _create(self, wave: list[Callable[[], tuple[str, Any]]]) -> list[Any]:
         refs = []

@@ -318,12 +318,11 @@ class UnitScheduler:
         load: collections.Counter[int] = collections.Counter()
         try:
             while queue or outstanding:
-                agents = len(self.actors.agents)
                 try:
-                    self.actors.poll()
+                    second_wave = self.actors.poll()
                 except ActorInitFailed as exc:
                     raise RunFailed(str(exc)) from None
-                if len(self.actors.agents) > agents:  # the second wave: learn its incarnations from the start
+                if second_wave:  # learn its agents' incarnations from the start
                     self.agent_pings.send()
                 for p, driver in enumerate(self.drivers):
                     self.stats_pings.actors.setdefault(str(p), driver)

@@ -56,8 +56,13 @@ class PipelineMetrics:
         self.redelivered = Counter("matrix_rows_redelivered_total", "rows delivered again after loss or deadline", keys)
         self.units_committed = Counter("matrix_units_committed_total", "input units committed to the output", keys)
         self.parts_committed = Counter("matrix_parts_committed_total", "Parquet parts of committed units", keys)
-        counters = (self.prompt_tokens, self.completion_tokens, self.redelivered)
-        counters += (self.units_committed, self.parts_committed)
+        counters = (
+            self.prompt_tokens,
+            self.completion_tokens,
+            self.redelivered,
+            self.units_committed,
+            self.parts_committed,
+        )
         for metric in (self.rows, *counters, self.in_flight):
             metric.set_default_tags({"pipeline": pipeline})
         for counter in counters:
