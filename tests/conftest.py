@@ -154,11 +154,31 @@ class S3Server:
         }
 
 
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    data = tmp_path_factory.mktemp("seaweed")
-    creds = {"AWS_ACCESS_KEY_ID": "matrixtest", "AWS_SECRET_ACCESS_KEY": "matrixtestsecret"}
-    env = {**os.environ, **creds}
+# Every port `weed mini` listens on, chosen free so that two suites (two checkouts) can run side by side.
+_WEED_PORTS = (
+    "s3.port",
+    "s3.port.grpc",
+    "s3.port.iceberg",
+    "s3.port.lance",
+    "s3.metricsPort",
+    "s3.debug.port",
+    "master.port",
+    "master.port.grpc",
+    "filer.port",
+    "filer.port.grpc",
+    "volume.port",
+    "volume.port.grpc",
+    "webdav.port",
+    "admin.port",
+    "admin.port.grpc",
+    "debug.port",
+    "metricsPort",
+)
+
+
+def start_seaweed(data: Path, bucket: str, creds: dict[str, str]) -> tuple[subprocess.Popen[bytes], int]:
+    """`weed mini` on 127.0.0.1 with every port free-chosen; returns the process and its S3 port."""
+    ports = {flag: free_port() for flag in _WEED_PORTS}
     proc = subprocess.Popen(
         [
             str(VENV_BIN / "weed"),
@@ -166,20 +186,30 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
             f"-dir={data}",
             "-ip=127.0.0.1",
             "-ip.bind=127.0.0.1",
-            "-bucket=matrix-test",
+            f"-bucket={bucket}",
             "-admin.ui=false",
+            *(f"-{flag}={port}" for flag, port in ports.items()),
         ],
-        env=env,
+        env={**os.environ, **creds},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
+    return proc, ports["s3.port"]
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    data = tmp_path_factory.mktemp("seaweed")
+    creds = {"AWS_ACCESS_KEY_ID": "matrixtest", "AWS_SECRET_ACCESS_KEY": "matrixtestsecret"}
+    proc, port = start_seaweed(data, "matrix-test", creds)
     try:
-        wait_port(8333, timeout=60)
+        wait_port(port, timeout=60)
+        endpoint = f"http://127.0.0.1:{port}"
         s3 = S3Server(
-            "http://127.0.0.1:8333",
+            endpoint,
             "matrix-test",
-            {**creds, "AWS_ENDPOINT_URL": "http://127.0.0.1:8333", "AWS_DEFAULT_REGION": "us-east-1"},
+            {**creds, "AWS_ENDPOINT_URL": endpoint, "AWS_DEFAULT_REGION": "us-east-1"},
         )
         _wait_bucket(s3)
         yield s3

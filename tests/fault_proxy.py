@@ -3,7 +3,7 @@
 It can also go down for a while (`outage()`: the listening socket is closed, so clients get
 "connection refused" exactly as when the service behind it is stopped) and come back on the same port.
 
-    with FaultProxy("http://127.0.0.1:8333", fail_first=2, method="PUT", path_regex=PART_FILES) as proxy:
+    with FaultProxy(s3.endpoint, fail_first=2, method="PUT", path_regex=PART_FILES) as proxy:
         fs = s3fs.S3FileSystem(key=..., secret=..., endpoint_url=proxy.endpoint, **NO_CLIENT_RETRIES)
         ...
         assert proxy.failed == 2
@@ -81,7 +81,7 @@ class FaultProxy:
 
     def __init__(
         self,
-        upstream: str = "http://127.0.0.1:8333",
+        upstream: str,
         *,
         fail_first: int = 1,
         method: str | None = "PUT",
