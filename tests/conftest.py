@@ -249,26 +249,46 @@ def run_matrix(
 
 
 def read_output(uri: str, storage_options: dict[str, object] | None = None) -> list[dict[str, object]]:
-    """The committed rows, as a reader should take them: the parts that commit records name."""
+    """The committed rows, as a reader should take them: the parts that commit records name
+    (published, or still staged when their driver died between committing and publishing)."""
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
     rows: list[dict[str, object]] = []
     for record in committed_units(uri, storage_options):
         for part in record["parts"]:
-            with fs.open(f"{root}/{part['name']}", "rb") as handle:
+            path = f"{root}/{part['name']}"
+            if not fs.exists(path):
+                path = f"{root}/_staging/{record['epoch']:08d}/{part['name']}"
+            with fs.open(path, "rb") as handle:
                 rows.extend(pq.read_table(handle).to_pylist())
     return rows
+
+
+def current_epoch(uri: str, storage_options: dict[str, object] | None = None) -> int | None:
+    """The epoch a reader takes: the manifest's once `_SUCCESS` exists, else the newest with records."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    fs.invalidate_cache()  # s3fs caches listings, and a run is committing units meanwhile
+    if fs.exists(f"{root}/_SUCCESS"):
+        return int(json.loads(fs.cat_file(f"{root}/_manifest.json"))["epoch"])
+    try:
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(f"{root}/_commits", detail=False)]
+    except FileNotFoundError:
+        return None
+    epochs = [int(n) for n in names if n.isdigit()]
+    return max(epochs) if epochs else None
 
 
 def committed_units(uri: str, storage_options: dict[str, object] | None = None) -> list[dict[str, object]]:
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
-    fs.invalidate_cache()  # s3fs caches listings, and a run is committing units meanwhile
-    if not fs.exists(f"{root}/_commits"):
+    epoch = current_epoch(uri, storage_options)
+    if epoch is None:
         return []
-    return [json.loads(fs.cat_file(path)) for path in sorted(fs.glob(f"{root}/_commits/*.json"))]
+    return [json.loads(fs.cat_file(path)) for path in sorted(fs.glob(f"{root}/_commits/{epoch:08d}/*.json"))]
 
 
 def read_manifest(uri: str, storage_options: dict[str, object] | None = None) -> dict[str, object]:

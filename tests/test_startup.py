@@ -83,7 +83,7 @@ def test_a_row_for_an_agent_not_started_yet_waits_for_it(ray_client) -> None:
 def test_run_actors_start_the_first_rows_path_then_the_rest(ray_client) -> None:
     spec = _spec("natural_reasoning", partitions=3)
     run_id = uuid.uuid4().hex[:8]
-    actors = RunActors(spec, load_pipeline(spec.pipeline), run_id, 1, None)
+    actors = RunActors(spec, load_pipeline(spec.pipeline), run_id, 1, 1, None)
     try:
         actors.start()
         assert len(actors.drivers) == 1
@@ -103,7 +103,7 @@ def test_run_actors_start_the_first_rows_path_then_the_rest(ray_client) -> None:
 def test_a_pipeline_without_agents_starts_every_driver_at_once(ray_client) -> None:
     """prefilter's drivers do all its work: holding one back would leave its core idle."""
     spec = _spec("prefilter", partitions=2)
-    actors = RunActors(spec, load_pipeline(spec.pipeline), uuid.uuid4().hex[:8], 1, None)
+    actors = RunActors(spec, load_pipeline(spec.pipeline), uuid.uuid4().hex[:8], 1, 1, None)
     try:
         actors.start()
         assert len(actors.drivers) == 2 and not actors.agents

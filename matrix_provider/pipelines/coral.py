@@ -21,11 +21,11 @@ import re
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from matrix_provider.runtime.orchestrator import ERROR, OK, Orchestrator
 from matrix_provider.runtime.pipeline import Pipeline
 from matrix_provider.runtime.roles import LLMRole, Role, RowError, json_schema
+from matrix_provider.runtime.summary import Summary
 
 AGENTS = ("agent_a", "agent_b")
 PERSONAS = {"agent_a": "Alice", "agent_b": "Bob"}
@@ -171,24 +171,36 @@ def output(msg: Orchestrator) -> dict[str, Any]:
     }
 
 
-def summarize(table: pa.Table) -> dict[str, Any]:
+def summary_row(row: dict[str, Any]) -> dict[str, int]:
+    """An answered (ok) row's share of the summary: one question, its agreement, correctness, turns."""
+    if row["status"] != OK:
+        return {}
+    return {
+        "answered": 1,
+        "agreed": int(bool(row["agreed"])),
+        "correct": int(bool(row["correct"])),
+        "consensus": int(row["ended_by"] == "agreement"),
+        "turns": row["turns"] or 0,
+    }
+
+
+def summary_finish(total: dict[str, Any]) -> dict[str, Any]:
     """Agreement rate, agreement-correctness and mean turns over the answered (ok) rows.
 
     `consensus_rate` is how often the agents said they agree: above `agreement_rate` when they
     agree in words on answers that differ (always, on the simulator).
     """
-    ok = table.filter(pc.equal(table["status"], OK))
-    n = ok.num_rows
+    n = total.get("answered", 0)
 
-    def share(values: pa.ChunkedArray) -> float | None:
-        return round(pc.sum(values).as_py() / n, 4) if n else None
+    def share(key: str, digits: int = 4) -> float | None:
+        return round(total.get(key, 0) / n, digits) if n else None
 
     return {
         "questions_answered": n,
-        "agreement_rate": share(ok["agreed"]),
-        "agreement_correctness": share(ok["correct"]),
-        "consensus_rate": share(pc.equal(ok["ended_by"], "agreement")),
-        "mean_turns": round(pc.mean(ok["turns"]).as_py(), 3) if n else None,
+        "agreement_rate": share("agreed"),
+        "agreement_correctness": share("correct"),
+        "consensus_rate": share("consensus"),
+        "mean_turns": share("turns", 3),
     }
 
 
@@ -210,6 +222,5 @@ PIPELINE = Pipeline(
         ]
     ),
     output=output,
-    summarize=summarize,
-    summary_columns=("agreed", "correct", "turns", "ended_by"),
+    summary=Summary(summary_row, summary_finish, columns=("agreed", "correct", "turns", "ended_by")),
 )

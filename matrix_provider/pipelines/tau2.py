@@ -43,6 +43,7 @@ from matrix_provider.pipelines.tau2_host import UnknownTask, environment_constru
 from matrix_provider.runtime.orchestrator import OK, Orchestrator
 from matrix_provider.runtime.pipeline import Pipeline
 from matrix_provider.runtime.roles import LLMRole, Role, RowError
+from matrix_provider.runtime.summary import Summary
 
 if TYPE_CHECKING:
     from tau2.data_model.message import Message
@@ -360,27 +361,35 @@ def output(msg: Orchestrator) -> dict[str, Any]:
     }
 
 
-def summarize(table: pa.Table) -> dict[str, Any]:
-    """tau2-bench's figures: mean reward (per domain and overall), pass^1 and the tool-call error rate."""
-    rows = [r for r in table.to_pylist() if r["status"] == OK]
-    by_domain: dict[str, list[float]] = {}
-    by_task: dict[tuple[str, str], list[float]] = {}
-    for row in rows:
-        by_domain.setdefault(row["domain"], []).append(row["reward"])
-        by_task.setdefault((row["domain"], row["task_id"]), []).append(row["reward"])
-    calls = sum(r["tool_calls"] for r in rows)
+def summary_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A scored (ok) trajectory's share of the summary: its reward overall, by domain and by task
+    (successes per task give tau2's pass^1), and its tool calls."""
+    if row["status"] != OK:
+        return {}
+    reward, task = row["reward"], f"{row['domain']}/{row['task_id']}"
     return {
-        "trajectories": len(rows),
-        "mean_reward": _mean([r["reward"] for r in rows]),
-        "mean_reward_by_domain": {d: _mean(v) for d, v in sorted(by_domain.items())},
-        "pass^1": _mean([pass_hat_k(len(v), sum(map(is_successful, v)), 1) for v in by_task.values()]),
-        "tool_calls": calls,
-        "tool_call_error_rate": round(sum(r["tool_errors"] for r in rows) / calls, 4) if calls else None,
+        "trajectories": 1,
+        "reward": reward,
+        "by_domain": {row["domain"]: {"n": 1, "reward": reward}},
+        "by_task": {task: {"n": 1, "successes": int(is_successful(reward))}},
+        "tool_calls": row["tool_calls"],
+        "tool_errors": row["tool_errors"],
     }
 
 
-def _mean(values: list[float]) -> float | None:
-    return round(sum(values) / len(values), 4) if values else None
+def summary_finish(total: dict[str, Any]) -> dict[str, Any]:
+    """tau2-bench's figures: mean reward (per domain and overall), pass^1 and the tool-call error rate."""
+    n, calls = total.get("trajectories", 0), total.get("tool_calls", 0)
+    by_domain, by_task = total.get("by_domain", {}), total.get("by_task", {})
+    pass_1 = [pass_hat_k(t["n"], t["successes"], 1) for t in by_task.values()]
+    return {
+        "trajectories": n,
+        "mean_reward": round(total["reward"] / n, 4) if n else None,
+        "mean_reward_by_domain": {d: round(v["reward"] / v["n"], 4) for d, v in sorted(by_domain.items())},
+        "pass^1": round(sum(pass_1) / len(pass_1), 4) if pass_1 else None,
+        "tool_calls": calls,
+        "tool_call_error_rate": round(total.get("tool_errors", 0) / calls, 4) if calls else None,
+    }
 
 
 PIPELINE = Pipeline(
@@ -402,7 +411,6 @@ PIPELINE = Pipeline(
         ]
     ),
     output=output,
-    summarize=summarize,
-    summary_columns=("domain", "task_id", "reward", "tool_calls", "tool_errors"),
+    summary=Summary(summary_row, summary_finish, columns=("domain", "task_id", "reward", "tool_calls", "tool_errors")),
     uses_sandbox=True,
 )

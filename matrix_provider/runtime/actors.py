@@ -47,10 +47,13 @@ class RunActors:
     `agents` (by name) and `drivers` (by partition) grow in place as the second wave starts.
     """
 
-    def __init__(self, spec: PipelineSpec, pipeline: Pipeline, run_id: str, generation: int, client_config: Any):
+    def __init__(
+        self, spec: PipelineSpec, pipeline: Pipeline, run_id: str, generation: int, epoch: int, client_config: Any
+    ):
         self.spec = spec
         self.run_id = run_id
         self.generation = generation
+        self.epoch = epoch
         self.client_config = client_config
         self.spec_json = spec.model_dump_json()
         self.agents: dict[str, Any] = {}
@@ -137,6 +140,6 @@ class RunActors:
             num_cpus=self.spec.resources.driver_num_cpus,
             max_concurrency=_BIG,
             scheduling_strategy="SPREAD",
-        ).remote(self.run_id, partition, self.spec_json, self.generation)
+        ).remote(self.run_id, partition, self.spec_json, self.generation, self.epoch)
         self.drivers.append(driver)
         return f"partition driver {partition}", driver.stats.remote()

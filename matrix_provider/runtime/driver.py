@@ -2,12 +2,17 @@
 
 A driver reads a unit, admits each row as soon as a credit is free (no batch barrier: the next
 unit is read while the last rows of the previous one are still out), never relays a row between
-agents, and writes the unit's rows as Parquet parts. When every row of a unit has come back and its
-parts are written, it commits the unit (see `sink.py`) and returns the commit record.
+agents, and writes the unit's rows as Parquet parts into staging, each with a part record naming
+the rows (by index in the unit) it holds. When every row of a unit has come back and its parts are
+written, it commits the unit (see `sink.py`), publishes the parts and returns the commit record.
+An attempt at a unit that earlier attempts left open skips the rows their part records hold, so a
+run killed at 90 % of a file redoes the last 10 % (plus the rows of the part being written).
 
 State is bounded by rows in flight and open units, never by the number of rows: ids are compared
 within a unit only (the first occurrence in input order keeps its id, a later one becomes an error
-row under its position id), and nothing of a committed unit is kept.
+row under its position id), rows read but not yet written in a part are capped at the driver's
+concurrency plus one part (`_wait_for_room`), and nothing of a committed unit is kept. Every write
+checks the lease's fence first: a driver of a run that was taken over writes nothing more.
 
 Every row is delivered at least once and its first result is kept, so each row is written once:
 - a row past `orchestrator.row_deadline_s` is delivered again (agents drop the old delivery);
@@ -31,6 +36,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow as pa
 import ray
 
 from matrix_provider.runtime.agents import PeerDirectory, Report, hand_off
@@ -39,9 +45,11 @@ from matrix_provider.runtime.lease import check_generation
 from matrix_provider.runtime.metrics import PipelineMetrics
 from matrix_provider.runtime.orchestrator import ERROR
 from matrix_provider.runtime.pipeline import Pipeline, admission, admitted_row, error_row, load_pipeline, output_row
+from matrix_provider.runtime.ranges import RangeSet
 from matrix_provider.runtime.sink import OutputStore
-from matrix_provider.runtime.sources import Record, Split, open_fs, read_unit
+from matrix_provider.runtime.sources import InputChanged, Record, Split, current_identity, open_fs, read_unit
 from matrix_provider.runtime.spec import PipelineSpec
+from matrix_provider.runtime.summary import add_counts, sum_counts
 
 logger = logging.getLogger(__name__)
 _READ_BATCH = 256
@@ -57,17 +65,24 @@ def reason_key(reason: str) -> str:
 
 @dataclass
 class UnitRun:
-    """One attempt at one unit: its buffer, counters and parts until it is committed."""
+    """One attempt at one unit: its buffer and parts until it is committed.
+
+    `done` holds the row indexes that earlier attempts' parts (`prior`) already hold: this attempt
+    reads them (their ids still count for duplicate detection) but does not run them again.
+    """
 
     unit: Split
     attempt: str
+    done: RangeSet = field(default_factory=RangeSet)
+    prior: list[dict[str, Any]] = field(default_factory=list)
     seen: set[str] = field(default_factory=set)
-    buffer: list[dict[str, Any]] = field(default_factory=list)
+    buffer: list[tuple[int, dict[str, Any]]] = field(default_factory=list)  # (row index, output row)
     parts: list[dict[str, Any]] = field(default_factory=list)
-    counts: collections.Counter[str] = field(default_factory=collections.Counter)
-    reasons: collections.Counter[str] = field(default_factory=collections.Counter)
+    rows_read: int = 0
+    redelivered: int = 0  # since the last part
     outstanding: int = 0
     reading: bool = True
+    flush_now: bool = False
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -78,6 +93,7 @@ class UnitRun:
 @dataclass
 class Flight:
     unit: UnitRun
+    index: int  # in the unit
     row_id: str
     row: dict[str, Any]
     delivery: int = 0
@@ -86,19 +102,36 @@ class Flight:
     admitted: float = 0.0
 
 
-def _take(iterator: Any, n: int, pipeline: Pipeline, params: dict[str, Any]) -> list[tuple[Record, Any]]:
-    """The next `n` records, each with its admission verdict (computed here, off the event loop)."""
+def _take(
+    iterator: Any, n: int, pipeline: Pipeline, params: dict[str, Any], done: RangeSet
+) -> list[tuple[int, Record, Any]]:
+    """The next `n` (index, record, admission verdict), the verdicts computed here, off the event
+    loop, and only for rows no earlier attempt holds."""
     batch = list(itertools.islice(iterator, n))
-    return [(r, None if r.row is None else admission(pipeline, r.row, params)) for r in batch]
+    return [(i, r, None if r.row is None or i in done else admission(pipeline, r.row, params)) for i, r in batch]
+
+
+def _fold(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """A unit's figures from its part records: counts, tokens, reasons and the summary, summed."""
+    reasons: collections.Counter[str] = collections.Counter()
+    for part in parts:
+        reasons.update(part["reasons"])
+    keys = ("rows_ok", "rows_filtered", "rows_error", "rows_redelivered", "prompt_tokens", "completion_tokens")
+    return {
+        **{k: sum(p[k] for p in parts) for k in keys},
+        "reasons": dict(reasons.most_common(_TOP_REASONS)),
+        "summary": sum_counts(p["summary"] for p in parts),
+    }
 
 
 @ray.remote(max_restarts=-1, max_task_retries=0)
 class PartitionDriver:
-    def __init__(self, run_id: str, partition: int, spec_json: str, generation: int):
+    def __init__(self, run_id: str, partition: int, spec_json: str, generation: int, epoch: int):
         self.spec = PipelineSpec.model_validate_json(spec_json)
         self.pipeline = load_pipeline(self.spec.pipeline)
         self.partition = partition
         self.generation = generation
+        self.epoch = epoch
         self.peers = PeerDirectory(run_id, {r: s.replicas for r, s in self.spec.roles.items()})
         self.store = OutputStore(self.spec.run.output, self.spec.io.storage_options, self.spec.io.write_retries)
         self.in_fs, _ = open_fs(self.spec.run.input, self.spec.io.storage_options)
@@ -111,6 +144,13 @@ class PartitionDriver:
         self.audit_wanted = False
         self.fatal: BaseException | None = None
         self.watchdog: asyncio.Task[None] | None = None
+        self.held = 0  # rows read and not yet in a written part (in flight or buffered), every unit
+        self.room = asyncio.Event()
+        self.room.set()
+
+    def _fence(self) -> None:
+        """Before every write: stop (StaleRun) once another run took the output over."""
+        check_generation(self.store, self.generation)
 
     # -- units -------------------------------------------------------------------------------------
     def _ensure_started(self) -> asyncio.Semaphore:
@@ -130,7 +170,14 @@ class PartitionDriver:
     async def run_unit(self, unit: Split) -> dict[str, Any]:
         """Process and commit one unit; returns its commit record."""
         self._ensure_started()
-        run = UnitRun(unit, f"g{self.generation}-{uuid.uuid4().hex}")
+        held = await asyncio.to_thread(self.store.unit_record, self.epoch, unit.uid)
+        if held is not None:  # committed by an attempt that died before the job heard of it
+            await asyncio.to_thread(self.store.publish, self.epoch, held, self._fence)
+            return held
+        await asyncio.to_thread(self._check_unchanged, unit)
+        run = UnitRun(unit, f"g{self.generation:08d}-{uuid.uuid4().hex[:12]}")
+        run.prior, run.done = await asyncio.to_thread(self._prior_parts, unit)
+        self.totals["rows_resumed"] += len(run.done)
         self.units[run.attempt] = run
         try:
             async with asyncio.TaskGroup() as group:
@@ -139,45 +186,93 @@ class PartitionDriver:
             return await asyncio.to_thread(self._commit, run)
         finally:
             self.units.pop(run.attempt, None)
+            self._release(sum(1 for f in self.in_flight.values() if f.unit is run) + len(run.buffer))
             for key in [k for k, f in self.in_flight.items() if f.unit is run]:
                 del self.in_flight[key]
                 self.slots.release()  # type: ignore[union-attr]
 
+    def _check_unchanged(self, unit: Split) -> None:
+        """Raise InputChanged when the file is no longer the version the units were planned from.
+        A file that vanished is not a change: reading it gives the unit's `!unread` error row."""
+        now = current_identity(self.in_fs, unit.path)
+        if now is not None and now != unit.identity:
+            raise InputChanged(
+                f"input file {unit.name!r} changed since the run listed it (size:version {unit.identity} -> {now})"
+            )
+
+    def _prior_parts(self, unit: Split) -> tuple[list[dict[str, Any]], RangeSet]:
+        """Part records of earlier attempts at this unit whose staged parts still exist, chosen so
+        that no two hold the same row (attempts that ran at once may overlap), and the rows they hold."""
+        staged = self.store.staged_parts(self.epoch)
+        chosen: list[dict[str, Any]] = []
+        done = RangeSet()
+        for record in self.store.part_records(self.epoch, unit.uid):
+            rows = RangeSet(record["ranges"])
+            if record["name"] in staged and not done.intersects(rows):
+                chosen.append(record)
+                done = done.union(rows)
+        return chosen, done
+
     async def _read(self, run: UnitRun) -> None:
         slots = self._ensure_started()
-        records = read_unit(self.in_fs, run.unit, self.spec.io)
+        records = enumerate(read_unit(self.in_fs, run.unit, self.spec.io))
         index = 0
         size = _FIRST_BATCH
-        while batch := await asyncio.to_thread(_take, records, size, self.pipeline, self.spec.params):
+        while batch := await asyncio.to_thread(_take, records, size, self.pipeline, self.spec.params, run.done):
             size = min(2 * size, _READ_BATCH)
-            for record, verdict in batch:
-                run.counts["rows_in"] += 1
+            for position, record, verdict in batch:
+                run.rows_read += 1
+                if position in run.done:  # an earlier attempt's part holds it
+                    run.seen.add(record.id)
+                    continue
+                await self._wait_for_room()
+                self.held += 1
                 if record.id in run.seen:
                     reason = (
                         f"duplicate id {record.id!r}: an earlier row of this unit has it; kept under its position id"
                     )
-                    self._emit(run, error_row(self.pipeline, record.pos_id, ERROR, reason))
+                    self._emit(run, position, error_row(self.pipeline, record.pos_id, ERROR, reason))
                     continue
                 run.seen.add(record.id)
                 if record.row is None:
-                    self._emit(run, error_row(self.pipeline, record.id, record.status or ERROR, record.reason or ""))
+                    row = error_row(self.pipeline, record.id, record.status or ERROR, record.reason or "")
+                    self._emit(run, position, row)
                     continue
                 if verdict is not None:  # stopped by the pipeline's cheap checks: never leaves this driver
-                    self._emit(run, admitted_row(self.pipeline, record.id, record.row, *verdict))
+                    self._emit(run, position, admitted_row(self.pipeline, record.id, record.row, *verdict))
                     continue
                 await slots.acquire()
                 key = f"{run.attempt}/{index}"
                 index += 1
                 deadline = time.time() + self.spec.orchestrator.row_deadline_s
-                self.in_flight[key] = Flight(run, record.id, record.row, deadline=deadline, admitted=time.monotonic())
+                self.in_flight[key] = Flight(
+                    run, position, record.id, record.row, deadline=deadline, admitted=time.monotonic()
+                )
                 run.outstanding += 1
                 self._spawn(self._deliver(key))
         run.reading = False
         run.seen.clear()
         run.wake.set()
 
+    async def _wait_for_room(self) -> None:
+        """Hold back reading while this driver holds its concurrency plus one part of rows not yet
+        written, whatever the part writes do (rows the admission check stops use no credit, so
+        without this a slow part write would let a whole unit pile up in memory)."""
+        while self.held >= self.spec.run.concurrency + self.spec.io.part_rows:
+            self.room.clear()
+            for unit in self.units.values():
+                unit.flush_now = True
+                unit.wake.set()
+            await self.room.wait()
+
+    def _release(self, rows: int) -> None:
+        self.held -= rows
+        if self.held < self.spec.run.concurrency + self.spec.io.part_rows:
+            self.room.set()
+
     async def _write(self, run: UnitRun) -> None:
-        """Write parts as rows come back: every `part_rows` rows, every `flush_interval_s`, and at the end."""
+        """Write parts as rows come back: every `part_rows` rows, every `flush_interval_s`, at the end,
+        and whenever the driver holds as many rows as it may."""
         io_spec = self.spec.io
         while True:
             with contextlib.suppress(TimeoutError):
@@ -185,47 +280,85 @@ class PartitionDriver:
             run.wake.clear()
             if self.fatal is not None:
                 raise RuntimeError(f"driver {self.partition}: background task failed: {self.fatal!r}")
-            drained = run.drained
-            while len(run.buffer) >= io_spec.part_rows or (run.buffer and drained):
+            drained, now = run.drained, run.flush_now
+            run.flush_now = False
+            while len(run.buffer) >= io_spec.part_rows or (run.buffer and (drained or now)):
                 await self._flush(run, min(len(run.buffer), io_spec.part_rows))
             if drained and not run.buffer:
                 return
 
     async def _flush(self, run: UnitRun, n: int) -> None:
-        """Write the first `n` buffered rows as a part; they leave the buffer only once it is written."""
-        rows = run.buffer[:n]
+        """Write the first `n` buffered rows as a staged part and its record; they leave the buffer
+        only once both are written."""
+        chunk = run.buffer[:n]
+        rows = [row for _, row in chunk]
         table = to_table(rows, self.pipeline.schema)
         name = f"part-{run.unit.uid}-{run.attempt}-{len(run.parts):05d}.parquet"
-        await asyncio.to_thread(self.store.write_part, name, table)
+        record = self._part_record(name, [i for i, _ in chunk], table, run.redelivered)
+        await asyncio.to_thread(self.store.stage_part, self.epoch, name, table, self._fence)
+        await asyncio.to_thread(self.store.put_part_record, self.epoch, run.unit.uid, record, self._fence)
         del run.buffer[:n]
-        run.parts.append({"name": name, "rows": table.num_rows})
+        run.redelivered = 0
+        run.parts.append(record)
+        self._release(n)
+
+    def _part_record(self, name: str, indexes: list[int], table: pa.Table, redelivered: int) -> dict[str, Any]:
+        """What a part holds: its rows by index, their counts, tokens, reasons and summary contributions,
+        read back from the table as written (the encoder may have made a row that did not fit an error)."""
+        summary_spec = self.pipeline.summary
+        extra = list(summary_spec.columns) if summary_spec is not None else []
+        rows = table.select(["status", "error", "prompt_tokens", "completion_tokens", *extra]).to_pylist()
+        counts: collections.Counter[str] = collections.Counter()
+        reasons: collections.Counter[str] = collections.Counter()
+        summary: dict[str, Any] = {}
+        for row in rows:
+            status = row["status"]
+            counts[{"ok": "rows_ok", "filtered": "rows_filtered"}.get(status, "rows_error")] += 1
+            counts["prompt_tokens"] += row["prompt_tokens"] or 0
+            counts["completion_tokens"] += row["completion_tokens"] or 0
+            if status != "ok" and row.get("error"):
+                reasons[reason_key(str(row["error"]))] += 1
+            if summary_spec is not None:
+                add_counts(summary, summary_spec.row(row))
+        keys = ("rows_ok", "rows_filtered", "rows_error", "prompt_tokens", "completion_tokens")
+        return {
+            "name": name,
+            "rows": len(rows),
+            "ranges": RangeSet.of(indexes).to_json(),
+            **{k: counts[k] for k in keys},
+            "rows_redelivered": redelivered,
+            "reasons": dict(reasons.most_common(_TOP_REASONS)),
+            "summary": summary,
+        }
 
     def _commit(self, run: UnitRun) -> dict[str, Any]:
-        counts = run.counts
-        written = sum(p["rows"] for p in run.parts)
-        if written != counts["rows_in"]:
-            raise RuntimeError(f"unit {run.unit.key}: {counts['rows_in']} rows read but {written} written")
-        check_generation(self.store, self.generation)
+        parts = [*run.prior, *run.parts]
+        written = sum(p["rows"] for p in parts)
+        if written != run.rows_read:
+            raise RuntimeError(f"unit {run.unit.key}: {run.rows_read} rows read but {written} written")
+        self._check_unchanged(run.unit)  # a file rewritten while it was read is not committed
         record = {
             "unit_id": run.unit.uid,
             "unit": run.unit.key,
+            "identity": run.unit.identity,
             "attempt": run.attempt,
             "generation": self.generation,
+            "epoch": self.epoch,
             "committed_at": time.time(),
-            **{k: counts[k] for k in ("rows_in", "rows_ok", "rows_filtered", "rows_error")},
-            "rows_redelivered": counts["rows_redelivered"],
-            "prompt_tokens": counts["prompt_tokens"],
-            "completion_tokens": counts["completion_tokens"],
-            "reasons": dict(run.reasons.most_common(_TOP_REASONS)),
-            "parts": run.parts,
+            "rows_in": run.rows_read,
+            "rows_resumed": len(run.done),
+            **_fold(parts),
+            "parts": [{"name": p["name"], "rows": p["rows"]} for p in parts],
         }
-        held = self.store.commit_unit(record)
+        held = self.store.create_unit_record(self.epoch, record, self._fence)
         if held["attempt"] != run.attempt:  # another attempt committed first: ours are orphans
-            self.store.fs.rm([self.store.path(p["name"]) for p in run.parts])
+            named = {p["name"] for p in held["parts"]}
+            self.store.unstage(self.epoch, run.unit.uid, [p["name"] for p in run.parts if p["name"] not in named])
         else:
             self.metrics.units_committed.inc()
             if run.parts:
                 self.metrics.parts_committed.inc(len(run.parts))
+        self.store.publish(self.epoch, held, self._fence)
         return held
 
     def _spawn(self, coro: Any) -> None:
@@ -289,19 +422,16 @@ class PartitionDriver:
         row["latency_s"] = round(time.monotonic() - flight.admitted, 4)
         run = flight.unit
         run.outstanding -= 1
-        self._emit(run, row)
+        self._emit(run, flight.index, row)
 
-    def _emit(self, run: UnitRun, row: dict[str, Any]) -> None:
-        run.buffer.append(row)
+    def _emit(self, run: UnitRun, index: int, row: dict[str, Any]) -> None:
+        run.buffer.append((index, row))
         status = row["status"]
         column = {"ok": "rows_ok", "filtered": "rows_filtered"}.get(status, "rows_error")
         prompt, completion = row["prompt_tokens"] or 0, row["completion_tokens"] or 0
-        for counter in (run.counts, self.totals):
-            counter[column] += 1
-            counter["prompt_tokens"] += prompt
-            counter["completion_tokens"] += completion
-        if status != "ok" and row.get("error"):
-            run.reasons[reason_key(str(row["error"]))] += 1
+        self.totals[column] += 1
+        self.totals["prompt_tokens"] += prompt
+        self.totals["completion_tokens"] += completion
         self.metrics.rows.inc(1, {"status": status})
         if prompt:
             self.metrics.prompt_tokens.inc(prompt)
@@ -318,7 +448,7 @@ class PartitionDriver:
             reason = f"{reason}; gave up after {flight.delivery} deliveries"
             self._done(key, error_row(self.pipeline, flight.row_id, ERROR, reason, flight.delivery))
             return
-        flight.unit.counts["rows_redelivered"] += 1
+        flight.unit.redelivered += 1
         self.totals["rows_redelivered"] += 1
         self.metrics.redelivered.inc()
         flight.acked = False
@@ -385,6 +515,7 @@ class PartitionDriver:
             "rows_filtered": t["rows_filtered"],
             "rows_error": t["rows_error"],
             "rows_redelivered": t["rows_redelivered"],
+            "rows_resumed": t["rows_resumed"],
             "results_dropped": t["results_dropped"],
             "in_flight": len(self.in_flight),
             "open_units": len(self.units),

@@ -4,11 +4,13 @@ Used by `matrix run` on a laptop and as the entrypoint of the Ray job the Airflo
 submits. All checks that can fail on user input (spec, input, output, LLM backend) run before any
 row is admitted, and raise `USAGE_ERRORS` with one clear message.
 
-The job process is the run's supervisor, outside the rows' path: it hands units to drivers (a
-few ahead each, so no driver waits between units), hands a dead driver's units to the others,
-pings every agent each `orchestrator.audit_interval_s` and tells the drivers when one died or
-restarted, and writes `_SUCCESS` only when every unit of the input is committed. Its state is
-the list of units and their commit records: nothing grows with the number of rows.
+The job process is the run's supervisor, outside the rows' path: it takes the output's lease,
+hands units to drivers (a few ahead each, so no driver waits between units), hands a dead driver's
+units to the others, pings every agent each `orchestrator.audit_interval_s` and tells the drivers
+when one died or restarted, and writes `_SUCCESS` only when every unit of the input is committed
+and published. Its state is the list of units and their commit records (summaries included, as
+sums): nothing grows with the number of rows. A run that finds its lease taken over stops at its
+next write and fails naming the run that took over.
 """
 
 from __future__ import annotations
@@ -30,12 +32,21 @@ from matrix_provider import __version__
 from matrix_provider.llm import backends
 from matrix_provider.runtime import names
 from matrix_provider.runtime.actors import ActorInitFailed, RunActors
-from matrix_provider.runtime.lease import Lease, StaleRun
+from matrix_provider.runtime.lease import Holder, Lease, StaleRun
 from matrix_provider.runtime.pipeline import Pipeline, load_pipeline
 from matrix_provider.runtime.progress import Reporter, print_summary
-from matrix_provider.runtime.sink import OutputError, OutputStore
-from matrix_provider.runtime.sources import InputError, Split, list_inputs, open_fs, plan_units, split_size
+from matrix_provider.runtime.sink import OutputError, OutputStore, PartMissing
+from matrix_provider.runtime.sources import (
+    InputChanged,
+    InputError,
+    Split,
+    list_inputs,
+    open_fs,
+    plan_units,
+    split_size,
+)
 from matrix_provider.runtime.spec import PipelineSpec, SpecError
+from matrix_provider.runtime.summary import sum_counts
 from matrix_provider.sandbox import backends as sandbox_backends
 from matrix_provider.sandbox.pool import SandboxPoolActor
 
@@ -153,46 +164,110 @@ def run(spec: PipelineSpec, *, quiet: bool = False) -> dict[str, Any]:
     store = OutputStore(spec.run.output, spec.io.storage_options, spec.io.write_retries)
     check_output_location(spec, store)
     store.check_writable()
-    config_hash = spec.config_hash()
+    meta = {
+        "pipeline": pipeline.name,
+        "config_hash": spec.config_hash(),
+        "version": __version__,
+        "split_bytes": split_size(files, spec.io, spec.run.partitions),
+        "spec": spec.model_dump(mode="json", exclude={"run"}),
+    }
     run_id = uuid.uuid4().hex[:8]
-    with Lease(store, run_id) as lease:
-        meta = store.claim(
-            {
-                "pipeline": pipeline.name,
-                "config_hash": config_hash,
-                "version": __version__,
-                "split_bytes": split_size(files, spec.io, spec.run.partitions),
-                "spec": spec.model_dump(mode="json", exclude={"run"}),
-            },
-            spec.run.overwrite,
-        )
-        units = plan_units(fs, files, meta["split_bytes"])
-        records = store.commit_records()
-        resumed = {u.uid for u in units if u.uid in records}
-        todo = [u for u in units if u.uid not in records]
-        extra: dict[str, Any] = {}
-        if todo:
-            extra = _run_units(spec, pipeline, store, run_id, lease, todo, records, quiet)
-        if lease.lost:
-            raise RunFailed(lease.lost)
-        manifest = summarize(spec, pipeline, units, records, resumed)
-        manifest.update(extra)
-        if pipeline.summarize is not None:
-            table = store.read_committed([records[u.uid] for u in units], ["status", *pipeline.summary_columns])
-            manifest["summary"] = pipeline.summarize(table)
-        # Units no longer in the input (files removed, a corrupt footer read differently) leave the
-        # output with their parts: after _SUCCESS the output mirrors this run's input exactly.
-        planned = {u.uid for u in units}
-        stale = [uid for uid in records if uid not in planned]
-        store.drop_commits(stale)
-        manifest["units_dropped"] = len(stale)
-        manifest["orphan_parts_removed"] = store.remove_orphans([records[uid] for uid in planned])
-        manifest.update(wall_seconds=round(time.time() - started, 3), config_hash=config_hash, run_id=run_id)
-        manifest["tokens_per_s"] = round(manifest.pop("run_tokens") / max(manifest["wall_seconds"], 1e-9), 2)
-        store.finish(manifest)
+    lease = Lease(store, run_id, spec.io.lease_ttl_s)
+    lease.acquire(lambda holder, generation: choose_epoch(store, holder, generation, meta, spec.run.overwrite))
+    try:
+        manifest = _run_epoch(spec, pipeline, store, lease, fs, files, meta, quiet)
+    except StaleRun as exc:
+        raise RunFailed(str(exc)) from None
+    finally:
+        lease.release()
+    manifest.update(wall_seconds=round(time.time() - started, 3), run_id=run_id)
+    manifest["tokens_per_s"] = round(manifest.pop("run_tokens") / max(manifest["wall_seconds"], 1e-9), 2)
     if not quiet:
         print_summary(manifest)
     return manifest
+
+
+def choose_epoch(
+    store: OutputStore, holder: Holder | None, generation: int, meta: dict[str, Any], overwrite: bool
+) -> int:
+    """The content epoch a run writes: its predecessor's when the config is the same (a resume), a new
+    one (this run's generation) on a fresh output or with `--overwrite`; a different config without
+    `--overwrite` is refused. Reads only: the lease is not taken yet."""
+    previous = store.read_epoch(holder.epoch) if holder is not None and holder.epoch is not None else None
+    if previous is None:
+        if store.legacy_layout() and not overwrite:
+            raise OutputError(
+                f"output {store.uri!r} was written by matrix-provider 0.1 (a `_matrix.json` output): "
+                "use a new output or pass --overwrite"
+            )
+        return generation
+    if overwrite:
+        return generation
+    if previous.get("config_hash") != meta["config_hash"]:
+        raise OutputError(
+            f"output {store.uri!r} holds a run of a different config "
+            f"(pipeline {previous.get('pipeline')!r}, config_hash {previous.get('config_hash')}; "
+            f"this run is {meta['config_hash']}): use a new output or pass --overwrite"
+        )
+    return int(holder.epoch)  # type: ignore[union-attr,arg-type]
+
+
+def _run_epoch(
+    spec: PipelineSpec,
+    pipeline: Pipeline,
+    store: OutputStore,
+    lease: Lease,
+    fs: Any,
+    files: list[Split],
+    meta: dict[str, Any],
+    quiet: bool,
+) -> dict[str, Any]:
+    """Everything a run does while it holds the lease: plan, run what is not committed, finish."""
+    epoch_meta = store.read_epoch(lease.epoch)
+    if epoch_meta is None:  # a new epoch (or one whose opener died before recording it)
+        store.create_epoch(lease.epoch, meta, lease.check)
+        epoch_meta = store.read_epoch(lease.epoch) or meta
+    store.unmark(lease.check)
+    # On a resume the stored unit size wins over this run's, so the units are the same.
+    units = plan_units(fs, files, epoch_meta["split_bytes"])
+    records = store.unit_records(lease.epoch)
+    resumed = {u.uid for u in units if u.uid in records}
+    todo = [u for u in units if u.uid not in records]
+    extra: dict[str, Any] = {}
+    if todo:
+        extra = _run_units(spec, pipeline, store, lease, todo, records, quiet)
+    lease.check()
+    manifest = summarize(spec, pipeline, units, records, resumed)
+    manifest.update(extra, epoch=lease.epoch, generation=lease.generation, config_hash=meta["config_hash"])
+    planned = {u.uid: records[u.uid] for u in units}
+    manifest["units_dropped"] = len(records) - len(planned)
+    manifest.update(_finish_output(store, lease, planned))
+    store.finish(manifest, lease.check)
+    lease.check()  # a takeover while the output was being finished shows here: the run fails
+    return manifest
+
+
+def _finish_output(store: OutputStore, lease: Lease, planned: dict[str, dict[str, Any]]) -> dict[str, int]:
+    """Publish what a dead driver left staged, sweep what no planned unit uses, check every part.
+
+    The sweep lists first and deletes after the fence, so it can only delete what existed while
+    this run still held the output. Units no longer in the input (a file removed or edited) leave
+    with their parts: after `_SUCCESS` the output mirrors this run's input exactly.
+    """
+    for record in planned.values():
+        try:
+            store.publish(lease.epoch, record, lease.check)
+        except PartMissing as exc:
+            lease.check()
+            store.remove([store.path(f"_commits/{lease.epoch:08d}/{record['unit_id']}.json")])
+            raise RunFailed(f"unit {record['unit']}: {exc}; its commit record was dropped: rerun to redo it") from None
+    garbage = store.garbage(lease.epoch, planned)
+    lease.check()
+    store.remove(garbage)
+    missing = store.missing_parts(planned)
+    if missing:
+        raise RunFailed(f"{len(missing)} committed parts are missing from the output (e.g. {missing[:3]}); rerun")
+    return {"orphans_removed": len(garbage)}
 
 
 @contextmanager
@@ -209,7 +284,6 @@ def _run_units(
     spec: PipelineSpec,
     pipeline: Pipeline,
     store: OutputStore,
-    run_id: str,
     lease: Lease,
     todo: list[Split],
     records: dict[str, dict[str, Any]],
@@ -222,15 +296,20 @@ def _run_units(
         if any(role.uses_llm for role in pipeline.roles.values()):
             client_config = backends.deploy(run_backend(spec))
             backends.probe(client_config)
-        actors = RunActors(spec, pipeline, run_id, lease.generation, client_config)
+        actors = RunActors(spec, pipeline, lease.run_id, lease.generation, lease.epoch, client_config)
         pools: list[Any] = []
         try:
             if pipeline.uses_sandbox:
-                pools.extend(_start_sandbox_pools(spec, run_id))
+                pools.extend(_start_sandbox_pools(spec, lease.run_id))
             actors.start()
             resumed_rows = sum(r["rows_in"] for r in records.values())
             scheduler = UnitScheduler(spec, actors, lease, quiet, resumed_rows)
             scheduler.run(todo, records)
+            if scheduler.changed:
+                raise RunFailed(
+                    f"{len(scheduler.changed)} input file(s) changed while the run read them, e.g. "
+                    f"{scheduler.changed[0]}; every other unit is committed: rerun to process the new versions"
+                )
             return {**_agent_figures(list(actors.agents.values())), "peak_rows_in_flight": scheduler.peak_in_flight}
         finally:
             actors.kill()
@@ -311,6 +390,7 @@ class UnitScheduler:
         self.suspect: set[int] = set()
         self.next_ping = 0.0
         self.peak_in_flight = 0  # the most rows in flight the drivers reported at once
+        self.changed: list[str] = []  # why units whose file changed under the run were left
 
     def run(self, todo: list[Split], records: dict[str, dict[str, Any]]) -> None:
         queue = collections.deque((unit, 1) for unit in todo)
@@ -342,7 +422,9 @@ class UnitScheduler:
                     p, unit, attempt = outstanding.pop(ref)
                     load[p] -= 1
                     failure = self._collect(ref, unit, records, p)
-                    if failure is not None:
+                    if failure is not None and failure.startswith(_CHANGED):
+                        self.changed.append(failure.removeprefix(_CHANGED))
+                    elif failure is not None:
                         if attempt >= _UNIT_ATTEMPTS:
                             raise RunFailed(f"unit {unit.key} failed {attempt} times; last: {failure}")
                         queue.append((unit, attempt + 1))
@@ -368,7 +450,8 @@ class UnitScheduler:
         return min(load + 1, _MAX_UNITS_AHEAD)
 
     def _collect(self, ref: Any, unit: Split, records: dict[str, dict[str, Any]], p: int) -> str | None:
-        """Take a finished unit's record; returns why it failed, if it did."""
+        """Take a finished unit's record; returns why it failed, if it did (`_CHANGED` first for a
+        unit whose file changed under the run: it is not tried again)."""
         try:
             records[unit.uid] = ray.get(ref)
             return None
@@ -376,8 +459,11 @@ class UnitScheduler:
             cause = exc.cause if exc.cause is not None else exc
             if isinstance(cause, StaleRun):
                 raise RunFailed(str(cause)) from None
+            if isinstance(cause, InputChanged):
+                return _CHANGED + str(cause)
             return f"driver {p}: {type(cause).__name__}: {str(cause).strip().splitlines()[-1][:300]}"
         except ray.exceptions.RayError as exc:  # the driver died (node lost, OOM): Ray restarts it
+            _fail_if_gone(exc, p)
             self.suspect.add(p)
             return f"driver {p} died: {type(exc).__name__}"
 
@@ -399,11 +485,24 @@ class UnitScheduler:
             if isinstance(answer, dict):
                 self.stats[name] = answer
                 self.suspect.discard(int(name))
+            elif isinstance(answer, ray.exceptions.RayError):
+                _fail_if_gone(answer, int(name))
         if self.stats:
             totals = {k: sum(s[k] for s in self.stats.values()) for k in next(iter(self.stats.values()))}
-            totals["rows_resumed"] = self.resumed
+            totals["rows_resumed"] += self.resumed
             self.peak_in_flight = max(self.peak_in_flight, totals["in_flight"])
             self.reporter.update(totals)
+
+
+_CHANGED = "changed: "
+
+
+def _fail_if_gone(exc: ray.exceptions.RayError, partition: int) -> None:
+    """A driver whose restart failed in its constructor is dead for good (Ray will not try again):
+    fail the run now, with its cause, instead of waiting for it (a one-partition run would spin)."""
+    if isinstance(exc, ray.exceptions.RayActorError) and exc.actor_init_failed:
+        cause = str(exc).strip().splitlines()[-1][:300]
+        raise RunFailed(f"partition driver {partition} died and could not be restarted: {cause}")
 
 
 def summarize(
@@ -431,6 +530,9 @@ def summarize(
             total[key] += record[key]
         reasons.update(record.get("reasons", {}))
     this_run = [records[u.uid] for u in units if u.uid not in resumed]
+    summary = {}
+    if pipeline.summary is not None:
+        summary = {"summary": pipeline.summary.finish(sum_counts(r.get("summary", {}) for r in mine))}
     return {
         "pipeline": pipeline.name,
         "input": spec.run.input,
@@ -442,7 +544,7 @@ def summarize(
         "rows_ok": total["rows_ok"],
         "rows_filtered": total["rows_filtered"],
         "rows_error": total["rows_error"],
-        "rows_resumed": sum(records[uid]["rows_in"] for uid in resumed),
+        "rows_resumed": sum(records[uid]["rows_in"] for uid in resumed) + sum(r["rows_resumed"] for r in this_run),
         "rows_redelivered": sum(r.get("rows_redelivered", 0) for r in this_run),
         "prompt_tokens": total["prompt_tokens"],
         "completion_tokens": total["completion_tokens"],
@@ -453,4 +555,5 @@ def summarize(
         "error_reasons": dict(reasons.most_common(10)),
         "version": __version__,
         "spec": json.loads(spec.model_dump_json(exclude={"run"})),
+        **summary,
     }

@@ -1,13 +1,17 @@
-"""Fencing: one live run per output.
+"""Fencing: one live run per output, judged by the store's own clock.
 
-A run takes the output by creating `_leases/<generation>` with a conditional create (one past the
-highest there) and then pointing `_lease.json` at it; it renews `_lease.json`'s heartbeat every
-`HEARTBEAT_S` while it runs and marks it released at the end. A generation is fenced off for good
-once the next one exists: `_leases/` only grows, so no late write can undo a takeover.
-A second run finds a live holder and is refused with its name. A holder is live while its
-heartbeat is younger than `TTL_S`, except that a holder on this host whose process is gone (a
-SIGKILLed run) is dead at once. Drivers check the generation before every unit commit, so a
-stale writer (an actor left from a run whose lease was taken over) never commits anything.
+A run takes an output by creating `_leases/<generation>.json` with a conditional create, one past
+the highest generation there; the highest generation is the holder. The file names the content
+epoch the run writes (see `sink.py`). The holder rewrites its own file every heartbeat, so the
+file's modification time, set by the store, is its heartbeat. A reader judges it against the
+modification time of a probe object it writes itself at that moment, so neither machine's clock
+is trusted. A holder on this host whose process is gone (a SIGKILLed run) is dead at once.
+
+A generation is fenced off for good once the next one exists: `_leases/` only grows, and a run
+may only create the generation right after the one it judged dead, so two runs that raced for a
+dead holder cannot both win. Every mutation of an output checks the fence just before it is made
+(`check_generation`), and a run that finds itself fenced off stops and exits non-zero naming the
+run that took over.
 """
 
 from __future__ import annotations
@@ -16,21 +20,51 @@ import json
 import os
 import socket
 import threading
-import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import psutil
 
 from matrix_provider.runtime.sink import OutputError, OutputStore
 
-LEASE_FILE = "_lease.json"
 LEASES_DIR = "_leases"
-TTL_S = 60.0
-HEARTBEAT_S = 10.0
+DEFAULT_TTL_S = 60.0
 
 
 class StaleRun(RuntimeError):
-    """Another run took this output over: this run must not commit anything more."""
+    """Another run took this output over: this run must not change anything more."""
+
+
+@dataclass(frozen=True)
+class Holder:
+    """The highest generation's lease file, as read at one moment."""
+
+    generation: int
+    record: dict[str, Any]
+    age_s: float  # by the store's clock: the probe's modification time minus the file's
+
+    @property
+    def epoch(self) -> int | None:
+        return self.record.get("epoch")
+
+    def is_live(self) -> bool:
+        record = self.record
+        if record.get("released"):
+            return False
+        if self.age_s > float(record.get("ttl_s", DEFAULT_TTL_S)):
+            return False
+        if record.get("host") == socket.gethostname():
+            started = _process_start(int(record.get("pid", -1)))
+            return started is not None and abs(started - record.get("pid_started", 0)) < 1.0
+        return True
+
+    def describe(self) -> str:
+        r = self.record
+        return (
+            f"run {r.get('run_id')} (generation {self.generation}, pid {r.get('pid')} on {r.get('host')}, "
+            f"last heartbeat {self.age_s:.0f}s ago{', released' if r.get('released') else ''})"
+        )
 
 
 def _process_start(pid: int) -> float | None:
@@ -40,112 +74,105 @@ def _process_start(pid: int) -> float | None:
         return None
 
 
-def read_lease(store: OutputStore) -> dict[str, Any] | None:
-    path = store.path(LEASE_FILE)
-    try:
-        return json.loads(store.fs.cat_file(path))
-    except FileNotFoundError:
+def _generation_name(generation: int) -> str:
+    return f"{LEASES_DIR}/{generation:08d}.json"
+
+
+def _generations(store: OutputStore) -> dict[int, float]:
+    """{generation: modification time} of every lease file, from one listing."""
+    found: dict[int, float] = {}
+    for name, mtime in store.listing(LEASES_DIR).items():
+        stem = name.removesuffix(".json")
+        if name.endswith(".json") and stem.isdigit():
+            found[int(stem)] = mtime
+    return found
+
+
+def read_holder(store: OutputStore) -> Holder | None:
+    """The highest generation's lease, its age judged by the store's clock; None for a fresh output."""
+    now = store.now()
+    generations = _generations(store)
+    if not generations:
         return None
-
-
-def holder_is_live(lease: dict[str, Any], now: float | None = None) -> bool:
-    if lease.get("released"):
-        return False
-    if (now or time.time()) - lease.get("heartbeat", 0) > TTL_S:
-        return False
-    if lease.get("host") == socket.gethostname():
-        started = _process_start(int(lease.get("pid", -1)))
-        return started is not None and abs(started - lease.get("pid_started", 0)) < 1.0
-    return True
-
-
-def describe(lease: dict[str, Any]) -> str:
-    age = time.time() - lease.get("heartbeat", 0)
-    return (
-        f"run {lease.get('run_id')} (generation {lease.get('generation')}, pid {lease.get('pid')} on "
-        f"{lease.get('host')}, started {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(lease.get('started', 0)))} "
-        f"UTC, last heartbeat {age:.0f}s ago)"
-    )
-
-
-def _generation_path(store: OutputStore, generation: int) -> str:
-    return store.path(f"{LEASES_DIR}/{generation:08d}.json")
-
-
-def highest_generation(store: OutputStore) -> int:
-    folder = store.path(LEASES_DIR)
-    store.fs.invalidate_cache(folder)
+    generation = max(generations)
     try:
-        names = store.fs.ls(folder, detail=False)
-    except FileNotFoundError:
-        return 0
-    numbers = [int(n.rsplit("/", 1)[-1].split(".")[0]) for n in names if n.endswith(".json")]
-    return max(numbers, default=0)
+        record = json.loads(store.fs.cat_file(store.path(_generation_name(generation))))
+    except (FileNotFoundError, ValueError):  # a file cut by power loss: a dead holder
+        record = {}
+    return Holder(generation, record, max(0.0, now - generations[generation]))
 
 
 def check_generation(store: OutputStore, generation: int) -> None:
     """Raise StaleRun once a later generation exists (a run took the output over)."""
-    successor = _generation_path(store, generation + 1)
+    successor = store.path(_generation_name(generation + 1))
     store.fs.invalidate_cache(store.path(LEASES_DIR))
     if store.retrying(lambda: store.fs.exists(successor)):
-        lease = read_lease(store)
-        holder = describe(lease) if lease else "another run"
-        raise StaleRun(f"output {store.uri!r} was taken over by {holder}; generation {generation} stops")
+        holder = read_holder(store)
+        taker = holder.describe() if holder else "another run"
+        raise StaleRun(f"output {store.uri!r} was taken over by {taker}; this run (generation {generation}) stopped")
 
 
 class Lease:
     """This run's hold on an output; a context manager that renews it in a background thread."""
 
-    def __init__(self, store: OutputStore, run_id: str):
+    def __init__(self, store: OutputStore, run_id: str, ttl_s: float = DEFAULT_TTL_S):
         self.store = store
         self.run_id = run_id
+        self.ttl_s = ttl_s
         self.generation = 0
+        self.epoch = 0
+        self.previous: Holder | None = None
         self.lost: str | None = None
+        self._record: dict[str, Any] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def _record(self, **extra: Any) -> bytes:
-        now = time.time()
+    def acquire(self, choose_epoch: Callable[[Holder | None, int], int]) -> None:
+        """Take the output unless a live run holds it. `choose_epoch(previous holder, generation)`
+        names the content epoch this run writes (raising OutputError refuses the output)."""
+        holder = read_holder(self.store)
+        if holder is not None and holder.is_live():
+            raise OutputError(
+                f"output {self.store.uri!r} is held by {holder.describe()}: wait for it to finish or stop it"
+            )
+        self.generation = (holder.generation if holder else 0) + 1
+        self.epoch = choose_epoch(holder, self.generation)
+        self.previous = holder
         pid = os.getpid()
-        record = {
+        self._record = {
             "generation": self.generation,
+            "epoch": self.epoch,
             "run_id": self.run_id,
             "host": socket.gethostname(),
             "pid": pid,
             "pid_started": _process_start(pid),
-            "started": getattr(self, "_started", now),
-            "heartbeat": now,
-            **extra,
+            "ttl_s": self.ttl_s,
         }
-        return json.dumps(record).encode()
-
-    def acquire(self) -> None:
-        current = read_lease(self.store)
-        if current is not None and holder_is_live(current):
-            raise OutputError(
-                f"output {self.store.uri!r} is held by {describe(current)}: wait for it to finish or stop it"
-            )
-        previous = int(current["generation"]) if current else 0
-        # From the listing too: a run killed between its two writes left a generation `_lease.json` lacks.
-        self.generation = max(previous, highest_generation(self.store)) + 1
-        self._started = time.time()
-        if not self.store.create(f"{LEASES_DIR}/{self.generation:08d}.json", self._record()):
+        if not self.store.create(_generation_name(self.generation), json.dumps(self._record).encode()):
             raise OutputError(
                 f"output {self.store.uri!r} was taken by another run just now (generation {self.generation})"
             )
-        self.store.retrying(lambda: self.store.put(LEASE_FILE, self._record()))
         self._thread = threading.Thread(target=self._renew, name="matrix-lease", daemon=True)
         self._thread.start()
 
+    def check(self) -> None:
+        """Raise StaleRun if this run no longer holds the output (the fence before every mutation)."""
+        if self.lost is not None:
+            raise StaleRun(self.lost)
+        try:
+            check_generation(self.store, self.generation)
+        except StaleRun as exc:
+            self.lost = str(exc)
+            raise
+
     def _renew(self) -> None:
-        while not self._stop.wait(HEARTBEAT_S):
+        while not self._stop.wait(self.ttl_s / 6):
             try:
-                check_generation(self.store, self.generation)
-                self.store.put(LEASE_FILE, self._record())
-            except StaleRun as exc:
-                self.lost = str(exc)
+                self.check()
+                self.store.put(_generation_name(self.generation), json.dumps(self._record).encode())
+            except StaleRun:
                 return
-            except Exception:  # a storage blip: the next beat tries again, well within TTL_S
+            except Exception:  # a storage blip: the next beat tries again, well within the TTL
                 continue
 
     def release(self) -> None:
@@ -154,14 +181,7 @@ class Lease:
             self._thread.join(timeout=30)
         if self.lost is None and self.generation:
             try:
-                check_generation(self.store, self.generation)
+                self.check()
             except StaleRun:
                 return
-            self.store.put(LEASE_FILE, self._record(released=True))
-
-    def __enter__(self) -> Lease:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
+            self.store.put(_generation_name(self.generation), json.dumps({**self._record, "released": True}).encode())

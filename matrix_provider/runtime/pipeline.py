@@ -11,6 +11,7 @@ import pyarrow as pa
 
 from matrix_provider.runtime.orchestrator import ERROR, FILTERED, Orchestrator
 from matrix_provider.runtime.roles import Role
+from matrix_provider.runtime.summary import Summary
 
 # Columns every output row has, whatever the pipeline.
 BASE_SCHEMA = pa.schema(
@@ -43,10 +44,8 @@ class Pipeline:
     so bad params fail the run at once with that message instead of making every row an error."""
     uses_sandbox: bool = False
     """Its roles run tools through `Role.sandbox`: the run starts sandbox pools (spec `sandbox`)."""
-    summarize: Callable[[pa.Table], dict[str, Any]] | None = None
-    """The pipeline's own manifest figures (`summary`), from every committed row once the run is done."""
-    summary_columns: tuple[str, ...] = ()
-    """The columns `summarize` reads, besides `status`: only these are loaded, so keep out long texts."""
+    summary: Summary | None = None
+    """The pipeline's own manifest figures (`summary`), as sums of what each output row contributes."""
 
     @property
     def schema(self) -> pa.Schema:

@@ -1,29 +1,41 @@
-"""Output: Parquet parts committed by work unit, in the manner of Hadoop's output committers.
+"""Output: Parquet parts that become visible only at commit, in the manner of Hadoop's S3A committers.
 
 Layout of an output folder:
 
-    part-<unit>-<attempt>-<n>.parquet   rows of one attempt at one unit
-    _commits/<unit>.json               the unit's commit record: counts, tokens, reasons, its parts
-    _matrix.json                       the config that owns the output, and its unit size
-    _lease.json, _leases/              which run may write (see lease.py)
-    _manifest.json, _SUCCESS           the sum of the commit records, once every unit is committed
+    part-<unit>-<attempt>-<n>.parquet        published parts: rows of committed units only
+    _staging/<epoch>/part-….parquet          parts written but not committed (hidden from readers)
+    _commits/<epoch>/<unit>.json             a unit's commit record: counts, tokens, reasons, its parts
+    _commits/<epoch>/<unit>/<part>.json      a part's record while its unit is open (for resume)
+    _epochs/<epoch>.json                     the config that owns the epoch's content, and its unit size
+    _leases/<generation>.json                which run may write (see lease.py)
+    _manifest.json, _SUCCESS                 the sum of the commit records, once every unit is committed
 
-A part is written in one piece (one PUT on object stores, a renamed temporary file on file systems)
-and retried with backoff. A unit's commit record is written last, with a conditional create, so
-the first attempt to commit a unit wins and a reader, a resume and the manifest see only the parts
-named by commit records. Parts that no record names (an attempt that died, a stale writer) are
-removed when the run finishes, so after `_SUCCESS` any Parquet reader sees every row exactly once.
-Nothing here grows with the number of rows: only with the number of units.
+An epoch is one content of the output: a run resumes the epoch its predecessor wrote when the
+config is the same, and opens a new one (its own generation number) on a fresh output or with
+`--overwrite`. Nothing of another epoch is ever read, so a stale writer's late record in a
+superseded epoch changes nothing.
+
+A part is written in one piece to `_staging/` (one PUT on object stores, a renamed fsynced temporary
+file on disk) and recorded with the rows it holds, so a resume redoes only the rows no part holds.
+A unit is committed by its record, created with a conditional create (`If-None-Match: *` on S3, an
+exclusive hard link on disk): the first attempt to commit a unit wins. Only then are its parts
+published (renamed on disk, copied and the copy's source deleted on S3) and the part records folded
+away, so a plain Parquet reader of the folder never sees a part no record names. Parts left in
+`_staging/`, superseded epochs and units no longer in the input are swept when the run finishes:
+the sweep lists first, then checks the fence, then deletes only what the listing found, so a
+writer frozen anywhere in between cannot delete what a later run wrote. Nothing here grows with
+the number of rows: only with the number of units and parts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import posixpath
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import pyarrow as pa
@@ -32,15 +44,30 @@ from tenacity import Retrying, stop_after_attempt, wait_exponential
 
 from matrix_provider.runtime.sources import open_fs
 
-META_FILE = "_matrix.json"
+EPOCHS_DIR = "_epochs"
+COMMITS_DIR = "_commits"
+STAGING_DIR = "_staging"
 MANIFEST_FILE = "_manifest.json"
 SUCCESS_FILE = "_SUCCESS"
-COMMITS_DIR = "_commits"
+LEGACY_META = "_matrix.json"  # matrix-provider 0.1's single-epoch layout
 T = TypeVar("T")
+Fence = Callable[[], None]
 
 
 class OutputError(ValueError):
     """The output cannot be used (unwritable, owned by a different config, held by a live run)."""
+
+
+class PartMissing(RuntimeError):
+    """A part a commit record names is neither published nor staged (deleted by hand or by power loss)."""
+
+
+def _no_fence() -> None:
+    return None
+
+
+def _epoch_dir(epoch: int) -> str:
+    return f"{epoch:08d}"
 
 
 class OutputStore:
@@ -56,22 +83,42 @@ class OutputStore:
         return posixpath.join(self.root, name)
 
     # -- writing -----------------------------------------------------------------------------------
-    def retrying(self, write: Callable[[], T]) -> T:
-        """Run `write`, retrying transient failures with exponential backoff (0.5 s, 1 s, 2 s … 30 s)."""
+    def retrying(self, write: Callable[[], T], fence: Fence = _no_fence) -> T:
+        """Run `write`, retrying transient failures with exponential backoff (0.5 s, 1 s, 2 s … 30 s).
+
+        `fence` runs before every attempt, so a writer that lost its lease while it backed off
+        never makes the write late.
+        """
         retryer = Retrying(
             stop=stop_after_attempt(self.write_retries + 1), wait=wait_exponential(0.5, max=30), reraise=True
         )
-        return retryer(write)
+
+        def attempt() -> T:
+            fence()
+            return write()
+
+        return retryer(attempt)
 
     def check_writable(self) -> None:
-        """Write and delete a probe file; raise OutputError with the cause when that fails."""
-        probe = self.path(f".probe-{uuid.uuid4().hex}")
+        """Write, exclusively create twice, and delete a probe; raise OutputError naming what failed.
+
+        Commits rely on an exclusive create: a store whose "create" lets a second writer through
+        (some object stores and FUSE mounts) would let two attempts both commit a unit.
+        """
+        name = f".probe-{uuid.uuid4().hex}"
         try:
             self.fs.makedirs(self.root, exist_ok=True)
-            self.fs.pipe_file(probe, b"ok")
-            self.fs.rm_file(probe)
+            first = self.create(name, b"ok")
+            second = self.create(name, b"again")
+            self.fs.rm_file(self.path(name))
         except Exception as exc:  # s3fs/botocore raise many unrelated types for the same cause
             raise OutputError(f"output {self.uri!r} is not writable: {type(exc).__name__}: {exc}") from None
+        if not first or second:
+            raise OutputError(
+                f"output {self.uri!r} ({type(self.fs).__name__}) has no exclusive create: a second create of "
+                "one file succeeded, so two writers could both commit a unit; use local disk, S3 or another "
+                "store with conditional writes"
+            )
 
     def _local_tmp(self, final: str) -> str:
         """A hidden temporary name beside `final` (same file system, so renames are atomic)."""
@@ -79,151 +126,265 @@ class OutputStore:
         self.fs.makedirs(folder, exist_ok=True)
         return posixpath.join(folder, f".{posixpath.basename(final)}.{uuid.uuid4().hex}.tmp")
 
+    @staticmethod
+    def _write_synced(path: str, data: bytes) -> None:
+        with open(path, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    @staticmethod
+    def _sync_dir(folder: str) -> None:
+        """Make a rename or link in `folder` survive power loss (POSIX needs the directory fsynced)."""
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
     def put(self, name: str, data: bytes) -> None:
-        """Write a whole file atomically (readers see all of it or nothing)."""
+        """Write a whole file atomically (readers see all of it or nothing), durably on local disk."""
         final = self.path(name)
         if self.local:
             tmp = self._local_tmp(final)
-            self.fs.pipe_file(tmp, data)
-            self.fs.mv(tmp, final)
+            self._write_synced(tmp, data)
+            os.replace(tmp, final)
+            self._sync_dir(posixpath.dirname(final))
         else:
             self.fs.pipe_file(final, data)
 
     def create(self, name: str, data: bytes) -> bool:
         """Create a file only if it does not exist yet; False when it already did.
 
-        Local files: hard link of a complete temporary file (atomic, exclusive). S3: a conditional
-        PUT (`If-None-Match: *`). Elsewhere: check then write, which two racing writers can both pass.
+        Local files: hard link of a complete, fsynced temporary file (atomic, exclusive). S3: a
+        conditional PUT (`If-None-Match: *`). Elsewhere: fsspec's `mode="create"`, which
+        `check_writable` has shown to be exclusive.
         """
         final = self.path(name)
         if self.local:
             tmp = self._local_tmp(final)
-            self.fs.pipe_file(tmp, data)
+            self._write_synced(tmp, data)
             try:
                 os.link(tmp, final)
-                return True
             except FileExistsError:
                 return False
             finally:
                 os.unlink(tmp)
-        if self.s3:
-            try:
-                self.fs.pipe_file(final, data, mode="create")
-                return True
-            except OSError as exc:
-                if "pre-condition" in str(exc).lower() or "precondition" in str(exc).lower():
-                    return False
-                raise
-        if self.fs.exists(final):
+            self._sync_dir(posixpath.dirname(final))
+            return True
+        try:
+            self.fs.pipe_file(final, data, mode="create")
+            return True
+        except FileExistsError:
             return False
-        self.fs.pipe_file(final, data)
-        return True
+        except OSError as exc:
+            if "precondition" in str(exc).lower().replace("-", ""):
+                return False
+            raise
 
-    def write_part(self, name: str, table: pa.Table) -> None:
-        """Write one Parquet part, retried with backoff; raises only when every attempt failed."""
+    def remove(self, paths: Iterable[str]) -> None:
+        paths = list(paths)
+        if paths:
+            self.fs.rm(paths, recursive=True)
+
+    # -- reading -----------------------------------------------------------------------------------
+    def listing(self, folder: str) -> dict[str, float]:
+        """{file name: modification time by the store's clock} of the files directly in `folder`."""
+        path = self.path(folder)
+        self.fs.invalidate_cache(path)
+        try:
+            entries = self.fs.ls(path, detail=True)
+        except FileNotFoundError:
+            return {}
+        return {posixpath.basename(e["name"]): _mtime(e) for e in entries if e.get("type") != "directory"}
+
+    def subfolders(self, folder: str) -> list[str]:
+        path = self.path(folder)
+        self.fs.invalidate_cache(path)
+        try:
+            entries = self.fs.ls(path, detail=True)
+        except FileNotFoundError:
+            return []
+        return [posixpath.basename(e["name"].rstrip("/")) for e in entries if e.get("type") == "directory"]
+
+    def now(self) -> float:
+        """The store's clock: the modification time of a probe written now (so no reader's clock counts)."""
+        name = f"{STAGING_DIR}/.clock-{uuid.uuid4().hex}"
+        self.put(name, b"")
+        try:
+            self.fs.invalidate_cache(self.path(STAGING_DIR))
+            return _mtime(self.fs.info(self.path(name)))
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm_file(self.path(name))
+
+    def _read_json_files(self, paths: list[str]) -> list[dict[str, Any]]:
+        if not paths:
+            return []
+        return [json.loads(data) for data in self.fs.cat(paths).values()]
+
+    # -- epochs ------------------------------------------------------------------------------------
+    def read_epoch(self, epoch: int) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.fs.cat_file(self.path(f"{EPOCHS_DIR}/{_epoch_dir(epoch)}.json")))
+        except FileNotFoundError:
+            return None
+
+    def create_epoch(self, epoch: int, meta: dict[str, Any], fence: Fence) -> None:
+        """Record the config that owns epoch `epoch` (once; a rerun of an interrupted start finds it)."""
+        data = json.dumps(meta, indent=2).encode()
+        self.retrying(lambda: self.create(f"{EPOCHS_DIR}/{_epoch_dir(epoch)}.json", data), fence)
+
+    def legacy_layout(self) -> bool:
+        return self.fs.exists(self.path(LEGACY_META))
+
+    # -- parts and commit records --------------------------------------------------------------------
+    def stage_part(self, epoch: int, name: str, table: pa.Table, fence: Fence) -> None:
+        """Write one Parquet part into staging, retried with backoff; raises only when every attempt failed."""
         buffer = io.BytesIO()
         pq.write_table(table, buffer, compression="zstd")
         data = buffer.getvalue()
-        self.retrying(lambda: self.put(name, data))
+        self.retrying(lambda: self.put(f"{STAGING_DIR}/{_epoch_dir(epoch)}/{name}", data), fence)
 
-    def commit_unit(self, record: dict[str, Any]) -> dict[str, Any]:
-        """Write a unit's commit record unless one exists; returns the record that holds."""
-        name = f"{COMMITS_DIR}/{record['unit_id']}.json"
+    def put_part_record(self, epoch: int, uid: str, record: dict[str, Any], fence: Fence) -> None:
+        name = f"{COMMITS_DIR}/{_epoch_dir(epoch)}/{uid}/{record['name']}.json"
         data = json.dumps(record).encode()
-        if self.retrying(lambda: self.create(name, data)):
+        self.retrying(lambda: self.put(name, data), fence)
+
+    def part_records(self, epoch: int, uid: str) -> list[dict[str, Any]]:
+        """The part records of an open unit (parts committed by earlier attempts), by name."""
+        folder = f"{COMMITS_DIR}/{_epoch_dir(epoch)}/{uid}"
+        names = sorted(n for n in self.listing(folder) if n.endswith(".json") and not n.startswith("."))
+        return self._read_json_files([self.path(f"{folder}/{n}") for n in names])
+
+    def unit_record(self, epoch: int, uid: str) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.fs.cat_file(self.path(f"{COMMITS_DIR}/{_epoch_dir(epoch)}/{uid}.json")))
+        except FileNotFoundError:
+            return None
+
+    def unit_records(self, epoch: int) -> dict[str, dict[str, Any]]:
+        """Every committed unit's record in an epoch, by unit id: one listing and one batched read (O(units))."""
+        folder = f"{COMMITS_DIR}/{_epoch_dir(epoch)}"
+        names = [n for n in self.listing(folder) if n.endswith(".json") and not n.startswith(".")]
+        records = self._read_json_files([self.path(f"{folder}/{n}") for n in names])
+        return {r["unit_id"]: r for r in records}
+
+    def create_unit_record(self, epoch: int, record: dict[str, Any], fence: Fence) -> dict[str, Any]:
+        """Write a unit's commit record unless one exists; returns the record that holds."""
+        name = f"{COMMITS_DIR}/{_epoch_dir(epoch)}/{record['unit_id']}.json"
+        data = json.dumps(record).encode()
+        if self.retrying(lambda: self.create(name, data), fence):
             return record
         return json.loads(self.fs.cat_file(self.path(name)))
 
-    # -- reading -----------------------------------------------------------------------------------
-    def commit_records(self) -> dict[str, dict[str, Any]]:
-        """Every unit's commit record, by unit id: one listing and one batched read (O(units))."""
-        folder = self.path(COMMITS_DIR)
-        self.fs.invalidate_cache(folder)  # s3fs caches listings; other processes commit units
-        try:
-            paths = [p for p in self.fs.ls(folder, detail=False) if p.endswith(".json")]
-        except FileNotFoundError:
-            return {}
-        if not paths:
-            return {}
-        contents = self.fs.cat(paths)
-        records = [json.loads(data) for data in contents.values()]
-        return {r["unit_id"]: r for r in records}
+    def publish(self, epoch: int, record: dict[str, Any], fence: Fence) -> None:
+        """Make a committed unit's parts visible, then fold its part records away.
 
-    def read_committed(self, records: list[dict[str, Any]], columns: list[str]) -> pa.Table:
-        """`columns` of the rows that `records` commit (what a reader sees after `_SUCCESS`).
-
-        Parts are read concurrently by pyarrow's dataset scanner, and only `columns`: a summary
-        over a big output costs its few short columns, not its texts.
+        Idempotent: any attempt (or the job) may publish a record again after a crash; a part
+        already visible is left as it is. The fence runs before each part, so a writer that lost
+        its lease publishes nothing more.
         """
-        paths = [self.path(part["name"]) for record in records for part in record["parts"]]
-        if not paths:
-            return pa.table({c: [] for c in columns})
-        import pyarrow.dataset as ds  # here, not at the top: it imports pandas, 0.2 s in every actor's start
+        for part in record["parts"]:
+            fence()
+            self.retrying(lambda part=part: self._publish_part(epoch, part["name"]))
+        folder = self.path(f"{COMMITS_DIR}/{_epoch_dir(epoch)}/{record['unit_id']}")
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm(folder, recursive=True)
 
-        return ds.dataset(paths, format="parquet", filesystem=self.fs).to_table(columns=columns)
-
-    def drop_commits(self, unit_ids: list[str]) -> None:
-        """Forget units (their parts go with `remove_orphans`)."""
-        paths = [self.path(f"{COMMITS_DIR}/{uid}.json") for uid in unit_ids]
-        if paths:
-            self.fs.rm(paths)
-
-    def part_names(self) -> list[str]:
+    def _publish_part(self, epoch: int, name: str) -> None:
+        staged, final = self.path(f"{STAGING_DIR}/{_epoch_dir(epoch)}/{name}"), self.path(name)
+        if self.local:
+            try:
+                os.rename(staged, final)
+            except FileNotFoundError:
+                if not os.path.exists(final):
+                    raise PartMissing(f"part {name} is neither published nor staged") from None
+                return
+            self._sync_dir(self.root)
+            return
         self.fs.invalidate_cache(self.root)
-        if not self.fs.exists(self.root):
-            return []
-        return sorted(posixpath.basename(p) for p in self.fs.glob(self.path("part-*.parquet")))
+        if not self.fs.exists(final):
+            try:
+                self.fs.copy(staged, final)
+            except FileNotFoundError:
+                raise PartMissing(f"part {name} is neither published nor staged") from None
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(staged)
 
-    # -- ownership and the end of a run ------------------------------------------------------------
-    def read_meta(self) -> dict[str, Any] | None:
-        path = self.path(META_FILE)
-        if not self.fs.exists(path):
-            return None
-        return json.loads(self.fs.cat_file(path))
+    def unstage(self, epoch: int, uid: str, names: list[str]) -> None:
+        """Forget an attempt that lost its unit's commit: its staged parts and part records."""
+        folder = f"{COMMITS_DIR}/{_epoch_dir(epoch)}/{uid}"
+        paths = [self.path(f"{STAGING_DIR}/{_epoch_dir(epoch)}/{n}") for n in names]
+        paths += [self.path(f"{folder}/{n}.json") for n in names]
+        for path in paths:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm_file(path)
 
-    def claim(self, meta: dict[str, Any], overwrite: bool) -> dict[str, Any]:
-        """Take the output for this config; refuse one written by another config unless overwriting.
+    def staged_parts(self, epoch: int) -> set[str]:
+        return set(self.listing(f"{STAGING_DIR}/{_epoch_dir(epoch)}"))
 
-        Returns the meta in force: on a resume the stored unit size wins over this run's.
-        """
-        existing = self.read_meta()
-        if existing and existing.get("config_hash") != meta["config_hash"] and not overwrite:
-            raise OutputError(
-                f"output {self.uri!r} holds a run of a different config "
-                f"(pipeline {existing.get('pipeline')!r}, config_hash {existing.get('config_hash')}; "
-                f"this run is {meta['config_hash']}): use a new output or pass --overwrite"
-            )
-        if overwrite:
-            self.clear()
-        elif existing and existing.get("split_bytes"):
-            meta = {**meta, "split_bytes": existing["split_bytes"]}
+    def published_parts(self) -> set[str]:
+        return {n for n in self.listing("") if n.startswith("part-") and n.endswith(".parquet")}
+
+    # -- the end of a run --------------------------------------------------------------------------
+    def garbage(self, epoch: int, records: dict[str, dict[str, Any]]) -> list[str]:
+        """Everything a finished output holds that `records` (the epoch's committed, planned units)
+        does not use: unnamed published parts, staging, part records, records of units no longer in
+        the input, other epochs, and 0.1's single-epoch files. A listing: nothing is deleted here."""
+        named = {part["name"] for record in records.values() for part in record["parts"]}
+        current = _epoch_dir(epoch)
+        found = [self.path(n) for n in self.published_parts() - named]
+        found += [self.path(n) for n in self.listing("") if n in (LEGACY_META, "_lease.json")]
+        for folder in (STAGING_DIR, COMMITS_DIR):
+            found += [self.path(f"{folder}/{n}") for n in self.listing(folder) if not n.startswith(".clock-")]
+            found += [self.path(f"{folder}/{n}") for n in self.subfolders(folder) if n != current]
+        found += [self.path(f"{STAGING_DIR}/{current}/{n}") for n in self.listing(f"{STAGING_DIR}/{current}")]
+        commits = f"{COMMITS_DIR}/{current}"
+        found += [self.path(f"{commits}/{n}") for n in self.listing(commits) if n.removesuffix(".json") not in records]
+        found += [self.path(f"{commits}/{n}") for n in self.subfolders(commits)]
+        found += [self.path(f"{EPOCHS_DIR}/{n}") for n in self.listing(EPOCHS_DIR) if n != f"{current}.json"]
+        return found
+
+    def missing_parts(self, records: dict[str, dict[str, Any]]) -> list[str]:
+        """Parts the records name that are not published (checked before `_SUCCESS`)."""
+        published = self.published_parts()
+        return [p["name"] for r in records.values() for p in r["parts"] if p["name"] not in published]
+
+    def unmark(self, fence: Fence) -> None:
+        """Remove `_SUCCESS` and `_manifest.json` before a run changes the output."""
         for name in (SUCCESS_FILE, MANIFEST_FILE):
-            if self.fs.exists(self.path(name)):
-                self.fs.rm_file(self.path(name))
-        self.put(META_FILE, json.dumps(meta, indent=2).encode())
-        return meta
-
-    def clear(self) -> None:
-        """Remove everything a run wrote except the lease."""
-        for name in self.part_names():
-            self.fs.rm_file(self.path(name))
-        if self.fs.exists(self.path(COMMITS_DIR)):
-            self.fs.rm(self.path(COMMITS_DIR), recursive=True)
-        for name in (META_FILE, MANIFEST_FILE, SUCCESS_FILE):
-            if self.fs.exists(self.path(name)):
+            fence()
+            with contextlib.suppress(FileNotFoundError):
                 self.fs.rm_file(self.path(name))
 
-    def remove_orphans(self, records: list[dict[str, Any]]) -> int:
-        """Delete parts no commit record names (dead attempts, stale writers); returns how many."""
-        named = {part["name"] for record in records for part in record["parts"]}
-        orphans = [self.path(name) for name in self.part_names() if name not in named]
-        if orphans:
-            self.fs.rm(orphans)
-        return len(orphans)
+    def finish(self, manifest: dict[str, Any], fence: Fence) -> None:
+        """Write `_manifest.json`, then `_SUCCESS`, each right after the fence.
 
-    def finish(self, manifest: dict[str, Any]) -> None:
-        self.put(MANIFEST_FILE, json.dumps(manifest, indent=2).encode())
-        self.fs.pipe_file(self.path(SUCCESS_FILE), b"")
+        The manifest is created exclusively: one left by a stale run that wrote it after this run
+        began is replaced (this run holds the output), and a stale run can never replace ours.
+        """
+        data = json.dumps(manifest, indent=2).encode()
+        fence()
+        if not self.create(MANIFEST_FILE, data):
+            fence()
+            self.fs.rm_file(self.path(MANIFEST_FILE))
+            if not self.create(MANIFEST_FILE, data):
+                raise OutputError(f"output {self.uri!r}: another writer keeps writing {MANIFEST_FILE}")
+        fence()
+        self.create(SUCCESS_FILE, b"")
 
     def read_manifest(self) -> dict[str, Any]:
         return json.loads(self.fs.cat_file(self.path(MANIFEST_FILE)))
+
+
+def _mtime(info: dict[str, Any]) -> float:
+    """A listing entry's modification time in seconds, whatever the fsspec backend calls it."""
+    value = info.get("mtime") or info.get("LastModified") or info.get("updated") or info.get("created") or 0.0
+    if hasattr(value, "timestamp"):
+        return float(value.timestamp())
+    if isinstance(value, str):
+        from datetime import datetime
+
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    return float(value)

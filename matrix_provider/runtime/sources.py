@@ -1,16 +1,19 @@
 """Input: JSONL (plain, .gz, .zst) and Parquet through fsspec, streamed, cut into work units.
 
 A unit is a file, or a byte range of a large plain JSONL file, or a range of row groups of a large
-Parquet file; it is what the sink commits as a whole. Units depend only on the input files and
-the split size fixed at an output's first run, never on the partition count, so a resume with
-other settings sees the same units. Every record gets a position id (`<file>@<byte>`,
+Parquet file; it is what the sink commits as a whole. Units depend only on the input files (name,
+range, and the file's identity: size with its ETag or modification time, so an edited file is a
+new unit) and the split size fixed at an output's first run, never on the partition count, so a
+resume with other settings sees the same units. Every record gets a position id (`<file>@<byte>`,
 `<file>:<line>` or `<file>#<row>`, the file relative to the input root so a local copy and an S3
-copy give the same ids); its id is the row's id field when present, else the position id.
+copy give the same ids); its id is the row's id field when present, else the position id. A user
+id of a position id's form (`a.jsonl:3`) is refused, so the two can never collide.
 
-Bad input never stops a run: a bad line becomes an error record with the reason, and a file that
-is truncated, corrupt or vanishes yields the records read before the fault plus one error record
-for the rest. Paths with a component starting with `_` or `.` (Spark's `_temporary/`, Delta's
-`_delta_log/`, `.crc` files, our own `_commits/`) are not input, as in Hadoop and Arrow.
+Bad input never stops a run: anything that goes wrong decoding one line or one Parquet value makes
+that one record an error record with the reason, and a file that is truncated, corrupt or vanishes
+yields the records read before the fault plus one error record for the rest. Paths with a
+component starting with `_` or `.` (Spark's `_temporary/`, Delta's `_delta_log/`, `.crc` files,
+our own `_commits/`) are not input, as in Hadoop and Arrow.
 """
 
 from __future__ import annotations
@@ -39,6 +42,12 @@ _MIN_SPLIT_BYTES = 64 << 10
 # surrogate left after loading is a lone one, which no UTF-8 writer accepts.
 _SURROGATE_ESCAPE = re.compile(rb"\\[uU][dD][89a-fA-F]")
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+# The form of a position id (`<input file>@<byte>`, `:<line>`, `#<row>`, `<unit>!unread`): reserved,
+# so that an id a row brings can never equal the position id of another row.
+POSITION_ID = re.compile(
+    r".*\.(jsonl|json|ndjson|parquet|pq)(\.gz|\.zst)?((@|:|#)\d+|(\[\d+:\d*\])?!unread)",
+    re.IGNORECASE | re.DOTALL,
+)
 
 
 # What a truncated, corrupt or vanished file raises. Other I/O errors (timeouts, resets, expired
@@ -54,8 +63,38 @@ FILE_FAULTS = (
 )
 
 
+# What decoding one Parquet value can raise (invalid UTF-8 in a string column, an out-of-range timestamp).
+_VALUE_ERRORS = (UnicodeDecodeError, ValueError, OverflowError, pa.ArrowException)
+
+
 class InputError(ValueError):
     """The input cannot be read (missing, unreadable, no supported files)."""
+
+
+class InputChanged(RuntimeError):
+    """An input file is not the version the run planned its units from (edited, appended, replaced)."""
+
+
+def file_identity(info: dict[str, Any]) -> str:
+    """A file's version from a listing entry: its size with the ETag where the store has one (S3,
+    GCS), else with its modification time. Rewriting a file changes it; reading it does not."""
+    size = info.get("size") or info.get("Size") or 0
+    tag = info.get("ETag") or info.get("etag") or info.get("md5Hash")
+    if tag:
+        return f"{size}:{str(tag).strip(chr(34))}"
+    mtime = info.get("mtime") or info.get("LastModified") or info.get("updated") or info.get("created") or ""
+    if hasattr(mtime, "timestamp"):
+        mtime = mtime.timestamp()
+    return f"{size}:{mtime!r}"
+
+
+def current_identity(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
+    """The file's version now (not from a cached listing); None once it is gone."""
+    fs.invalidate_cache(path)
+    try:
+        return file_identity(fs.info(path))
+    except FileNotFoundError:
+        return None
 
 
 @dataclass(frozen=True)
@@ -68,16 +107,19 @@ class Split:
     start: int = 0  # byte offset (plain JSONL) or first row group (Parquet)
     end: int | None = None
     size: int = 0
+    identity: str = ""  # the file's version when it was listed (see `file_identity`)
 
     @property
     def key(self) -> str:
-        """Readable identity of the unit: file, then range."""
+        """Readable name of the unit: file, then range."""
         return self.name if self.end is None and self.start == 0 else f"{self.name}[{self.start}:{self.end}]"
 
     @property
     def uid(self) -> str:
-        """Short stable id (commit record and part file names)."""
-        return hashlib.sha1(self.key.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+        """Short stable id (commit record and part file names): the unit and its file's version, so a
+        file edited since its units were committed gives new units and is redone whole."""
+        key = f"{self.key}|{self.identity}"
+        return hashlib.sha1(key.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 @dataclass
@@ -115,14 +157,15 @@ def list_inputs(uri: str, io_spec: IOSpec) -> tuple[fsspec.AbstractFileSystem, l
         fs, root = open_fs(uri, io_spec.storage_options)
         if any(ch in root for ch in "*?["):
             base = root.split("*", 1)[0].rsplit("/", 1)[0]
-            paths = sorted(p for p in fs.glob(root) if not is_hidden(posixpath.relpath(p, base)))
+            listing = fs.glob(root, detail=True)
         elif fs.isdir(root):
-            paths = sorted(p for p in fs.find(root) if not is_hidden(posixpath.relpath(p, root)))
-            base = root
+            base, listing = root, fs.find(root, detail=True)
         elif fs.exists(root):
-            paths, base = [root], posixpath.dirname(root)
+            base, listing = posixpath.dirname(root), {root: fs.info(root)}
         else:
             raise InputError(f"input {uri!r} does not exist")
+        infos = {p: i for p, i in listing.items() if i.get("type") != "directory"}
+        paths = sorted(p for p in infos if not is_hidden(posixpath.relpath(p, base)))
         splits = []
         for path in paths:
             kind = (
@@ -133,7 +176,9 @@ def list_inputs(uri: str, io_spec: IOSpec) -> tuple[fsspec.AbstractFileSystem, l
             if kind is None:
                 continue
             name = posixpath.relpath(path, base) if base else posixpath.basename(path)
-            splits.append(Split(path=path, name=name, kind=kind, size=int(fs.size(path) or 0)))
+            info = infos[path]
+            size = int(info.get("size") or 0)
+            splits.append(Split(path=path, name=name, kind=kind, size=size, identity=file_identity(info)))
     except InputError:
         raise
     except (OSError, ValueError) as exc:
@@ -160,7 +205,7 @@ def plan_units(fs: fsspec.AbstractFileSystem, files: list[Split], split_bytes: i
         if f.kind == "jsonl" and f.size > split_bytes:
             for start in range(0, f.size, split_bytes):
                 end = min(start + split_bytes, f.size)
-                units.append(Split(f.path, f.name, f.kind, start, end, end - start))
+                units.append(Split(f.path, f.name, f.kind, start, end, end - start, f.identity))
         elif f.kind == "parquet" and f.size > split_bytes:
             units.extend(_row_group_ranges(fs, f, split_bytes))
         else:
@@ -180,7 +225,7 @@ def _row_group_ranges(fs: fsspec.AbstractFileSystem, f: Split, split_bytes: int)
     for i in range(meta.num_row_groups):
         acc += meta.row_group(i).total_byte_size
         if acc >= split_bytes or i == meta.num_row_groups - 1:
-            ranges.append(Split(f.path, f.name, f.kind, start, i + 1, acc))
+            ranges.append(Split(f.path, f.name, f.kind, start, i + 1, acc, f.identity))
             start, acc = i + 1, 0
     return ranges or [f]
 
@@ -257,7 +302,15 @@ def _zstd_lines(raw: Any, chunk_bytes: int = 1 << 20) -> Iterator[bytes]:
 
 
 def parse_line(line: bytes, pos_id: str, io_spec: IOSpec) -> Record:
-    """One JSONL line -> a record, or an error/filtered record with the reason."""
+    """One JSONL line -> a record, or an error/filtered record with the reason; never raises, so one
+    pathological line (a 5,000-digit number, nesting past the recursion limit) stays one error row."""
+    try:
+        return _parse_line(line, pos_id, io_spec)
+    except Exception as exc:  # whatever one line's content makes a decoder or check raise
+        return Record(pos_id, pos_id, None, "error", f"unreadable line: {type(exc).__name__}: {str(exc)[:200]}")
+
+
+def _parse_line(line: bytes, pos_id: str, io_spec: IOSpec) -> Record:
     if len(line) > io_spec.max_doc_bytes:
         size_mb = len(line) / 1e6
         return Record(
@@ -279,6 +332,8 @@ def parse_line(line: bytes, pos_id: str, io_spec: IOSpec) -> Record:
         return Record(pos_id, pos_id, None, "error", f"malformed JSON: {exc.msg} at column {exc.colno}")
     except RecursionError:
         return Record(pos_id, pos_id, None, "error", "malformed JSON: nested too deeply")
+    except ValueError as exc:  # e.g. an integer literal past Python's 4,300-digit limit
+        return Record(pos_id, pos_id, None, "error", f"malformed JSON: {str(exc)[:120]}")
     if not isinstance(row, dict):
         return Record(pos_id, pos_id, None, "error", f"JSON line is a {type(row).__name__}, not an object")
     if _SURROGATE_ESCAPE.search(line):
@@ -287,29 +342,62 @@ def parse_line(line: bytes, pos_id: str, io_spec: IOSpec) -> Record:
 
 
 def replace_lone_surrogates(value: Any) -> Any:
-    """Lone UTF-16 surrogates (valid JSON escapes, not valid Unicode) become U+FFFD, everywhere in a row."""
+    """Lone UTF-16 surrogates (valid JSON escapes, not valid Unicode) become U+FFFD, everywhere in a row.
+
+    Iterative (an explicit stack, containers repaired in place), so no depth of nesting that
+    json.loads accepted can make it raise RecursionError.
+    """
     if isinstance(value, str):
         return _LONE_SURROGATE.sub("\ufffd", value)
-    if isinstance(value, dict):
-        return {replace_lone_surrogates(k): replace_lone_surrogates(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [replace_lone_surrogates(v) for v in value]
+    if not isinstance(value, dict | list):
+        return value
+    stack: list[dict[Any, Any] | list[Any]] = [value]
+    while stack:
+        container = stack.pop()
+        if isinstance(container, dict):
+            items = list(container.items())
+            container.clear()
+            for key, item in items:
+                key = _LONE_SURROGATE.sub("\ufffd", key) if isinstance(key, str) else key
+                container[key] = _LONE_SURROGATE.sub("\ufffd", item) if isinstance(item, str) else item
+                if isinstance(item, dict | list):
+                    stack.append(item)
+        else:
+            for i, item in enumerate(container):
+                if isinstance(item, str):
+                    container[i] = _LONE_SURROGATE.sub("\ufffd", item)
+                elif isinstance(item, dict | list):
+                    stack.append(item)
     return value
 
 
+def row_id(raw_id: Any, pos_id: str) -> tuple[str, str | None]:
+    """(the row's id, why it cannot keep the id it brought). Strings and integers are ids (`1` and
+    `"1"` are the same); other JSON values and ids of a position id's form are refused."""
+    if raw_id in (None, ""):
+        return pos_id, None
+    if isinstance(raw_id, bool) or not isinstance(raw_id, str | int):
+        return pos_id, f"id is a {type(raw_id).__name__}, not a string or an integer"
+    text = str(raw_id)
+    if POSITION_ID.fullmatch(text):
+        return pos_id, f"id {text[:80]!r} has the form of a position id, which names rows by their place in the input"
+    return text, None
+
+
 def check_row(row: dict[str, Any], pos_id: str, io_spec: IOSpec) -> Record:
-    raw_id = row.get(io_spec.id_field)
-    row_id = str(raw_id) if raw_id not in (None, "") else pos_id
+    rid, refused = row_id(row.get(io_spec.id_field), pos_id)
+    if refused:
+        return Record(pos_id, rid, None, "error", refused)
     text = row.get(io_spec.text_field)
     if text is None:
-        return Record(pos_id, row_id, None, "error", f"missing field {io_spec.text_field!r}")
+        return Record(pos_id, rid, None, "error", f"missing field {io_spec.text_field!r}")
     if not isinstance(text, str):
-        return Record(pos_id, row_id, None, "error", f"field {io_spec.text_field!r} is not a string")
+        return Record(pos_id, rid, None, "error", f"field {io_spec.text_field!r} is not a string")
     if len(text) > io_spec.max_doc_bytes:
         return Record(
-            pos_id, row_id, None, "error", f"document is {len(text) / 1e6:.1f} M characters, over io.max_doc_bytes"
+            pos_id, rid, None, "error", f"document is {len(text) / 1e6:.1f} M characters, over io.max_doc_bytes"
         )
-    return Record(pos_id, row_id, row)
+    return Record(pos_id, rid, row)
 
 
 def _read_parquet(fs: fsspec.AbstractFileSystem, split: Split, io_spec: IOSpec) -> Iterator[Record]:
@@ -318,6 +406,37 @@ def _read_parquet(fs: fsspec.AbstractFileSystem, split: Split, io_spec: IOSpec) 
         groups = list(range(split.start, split.end if split.end is not None else pf.num_row_groups))
         row_index = sum(pf.metadata.row_group(i).num_rows for i in range(split.start))
         for batch in pf.iter_batches(row_groups=groups, batch_size=1024):
-            for row in batch.to_pylist():
-                yield check_row(row, f"{split.name}#{row_index}", io_spec)
+            for row in _batch_rows(batch):
+                pos_id = f"{split.name}#{row_index}"
                 row_index += 1
+                if isinstance(row, str):  # a value that does not decode: this row alone is an error
+                    yield Record(pos_id, pos_id, None, "error", row)
+                else:
+                    yield check_row(row, pos_id, io_spec)
+
+
+def _batch_rows(batch: pa.RecordBatch) -> list[dict[str, Any] | str]:
+    """The batch's rows as dicts; a row holding a value Python cannot decode (invalid UTF-8 in a
+    string column) is the reason as a string instead, so the rest of the batch is kept."""
+    try:
+        return batch.to_pylist()
+    except _VALUE_ERRORS:
+        pass
+    columns: dict[str, list[Any]] = {}
+    bad: dict[int, str] = {}
+    for name, column in zip(batch.schema.names, batch.columns, strict=True):
+        try:
+            columns[name] = column.to_pylist()
+            continue
+        except _VALUE_ERRORS:
+            pass
+        values: list[Any] = []
+        for i in range(len(column)):
+            try:
+                values.append(column[i].as_py())
+            except _VALUE_ERRORS as exc:
+                values.append(None)
+                bad.setdefault(i, f"column {name!r} holds a value that cannot be read: {type(exc).__name__}: {exc}")
+        columns[name] = values
+    names = list(columns)
+    return [bad.get(i) or {n: columns[n][i] for n in names} for i in range(batch.num_rows)]

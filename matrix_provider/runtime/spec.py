@@ -105,6 +105,9 @@ class IOSpec(_Strict):
         description="uncompressed inputs split into units this big (fixed at an output's first run)",
     )
     write_retries: int = Field(6, ge=0, description="extra attempts of a part or commit write, with backoff")
+    lease_ttl_s: float = Field(
+        60.0, ge=1, description="a run whose lease went this long without a heartbeat may be taken over"
+    )
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options (S3 endpoint…)")
 
 
