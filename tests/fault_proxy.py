@@ -1,7 +1,9 @@
 """A real HTTP reverse proxy in front of a real HTTP service (S3, Ray's dashboard) that fails chosen requests.
 
 It can also go down for a while (`outage()`: the listening socket is closed, so clients get
-"connection refused" exactly as when the service behind it is stopped) and come back on the same port.
+"connection refused" exactly as when the service behind it is stopped) and come back on the same port,
+and hold one chosen request until told to send it on (`hold()` / `release()`: a writer frozen in
+the middle of a request, whose request lands late).
 
     with FaultProxy(s3.endpoint, fail_first=2, method="PUT", path_regex=PART_FILES) as proxy:
         fs = s3fs.S3FileSystem(key=..., secret=..., endpoint_url=proxy.endpoint, **NO_CLIENT_RETRIES)
@@ -43,6 +45,7 @@ import socket
 import threading
 from collections.abc import Iterator
 from types import TracebackType
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -102,6 +105,24 @@ class FaultProxy:
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
         self._client: aiohttp.ClientSession | None = None
+        self._hold: tuple[str | None, re.Pattern[str], re.Pattern[str]] | None = None
+        self._held = threading.Event()
+        self._release: asyncio.Event | None = None
+
+    def hold(self, *, method: str | None, path_regex: str, query_regex: str = "") -> threading.Event:
+        """Hold the next request that matches until `release()` (its body read, nothing sent on): a
+        client frozen in the middle of a write or a listing. Returns an event set once one is held."""
+        assert self._loop is not None
+        self._held.clear()
+        self._release = asyncio.Event()
+        self._hold = (method.upper() if method else None, re.compile(path_regex), re.compile(query_regex))
+        return self._held
+
+    def release(self) -> None:
+        """Send the held request on (and hold no more)."""
+        assert self._loop is not None and self._release is not None
+        self._hold = None
+        self._loop.call_soon_threadsafe(self._release.set)
 
     def rule(self, *, method: str | None, path_regex: str, fail_first: int, status: int = 500) -> None:
         """Fail the next `fail_first` requests that match `method` and `path_regex` with `status`."""
@@ -162,6 +183,14 @@ class FaultProxy:
     async def _runner_up(self) -> None:
         await self._listen(_port_socket(int(self.endpoint.rsplit(":", 1)[1])))
 
+    def _holds(self, request: web.Request) -> bool:
+        if self._hold is None:
+            return False
+        method, path_re, query_re = self._hold
+        return (method is None or request.method == method) and bool(
+            path_re.search(request.path) and query_re.search(request.query_string)
+        )
+
     def matches(self, method: str, path: str) -> bool:
         return (self.method is None or method == self.method) and self.path_re.search(path) is not None
 
@@ -189,6 +218,13 @@ class FaultProxy:
             await self._client.close()
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if self._holds(request):
+            self._hold = None
+            body = await request.read()
+            self._held.set()
+            assert self._release is not None
+            await self._release.wait()
+            return await self._forward(request, body)
         if self.matches(request.method, request.path):
             self.matched += 1
             if self.failed < self.fail_first:
@@ -210,10 +246,10 @@ class FaultProxy:
             status=self.status, text=body, content_type="application/xml", headers={"x-amz-request-id": request_id}
         )
 
-    async def _forward(self, request: web.Request) -> web.StreamResponse:
+    async def _forward(self, request: web.Request, held_body: bytes | None = None) -> web.StreamResponse:
         assert self._client is not None
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP]
-        body = request.content if request.body_exists else None
+        body: Any = held_body if held_body is not None else (request.content if request.body_exists else None)
         async with self._client.request(
             request.method,
             URL(self.upstream + request.raw_path, encoded=True),

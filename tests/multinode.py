@@ -111,10 +111,12 @@ class MultiNodeCluster:
     workdir: Path  # a cwd for drivers, away from Ray's temp folders
     head: RayNode | None = None
     workers: list[RayNode] = field(default_factory=list)
+    retired: list[RayNode] = field(default_factory=list)  # lost nodes that `replace_worker` replaced
+    object_store_bytes: int = 256 * 1024**2
 
     @property
     def nodes(self) -> list[RayNode]:
-        return [n for n in [self.head, *self.workers] if n is not None]
+        return [n for n in [self.head, *self.workers, *self.retired] if n is not None]
 
 
 def free_ports(count: int) -> list[int]:
@@ -159,6 +161,29 @@ def kill_worker_raylet(cluster: MultiNodeCluster, index: int) -> str:
     return node.node_id
 
 
+def replace_worker(cluster: MultiNodeCluster, index: int, num_cpus: int = 2, timeout: float = 180.0) -> RayNode:
+    """Start a new node in place of worker `index` (after it was lost), with the same resource name.
+
+    The lost node's processes stay recorded in `cluster.retired`, so teardown still ends them.
+    """
+    lost = cluster.workers[index]
+    lost.remember()
+    cluster.retired.append(lost)
+    node = _start_node(
+        cluster,
+        lost.name,
+        [f"--address={cluster.gcs_address}"],
+        num_cpus,
+        lost.temp_dir.parent,
+        lost.log.parent,
+        cluster.object_store_bytes,
+        timeout,
+        tag=f"r{len(cluster.retired)}",
+    )
+    cluster.workers[index] = node
+    return node
+
+
 def stop_cluster(cluster: MultiNodeCluster, grace: float = 10.0) -> None:
     """End every process of every node, by PID: SIGTERM, then SIGKILL what outlives `grace`."""
     procs: dict[int, psutil.Process] = {}
@@ -199,6 +224,7 @@ def multinode_cluster(
     gcs = f"127.0.0.1:{gcs_port}"
     token = ensure_token(env)
     cluster = MultiNodeCluster(gcs, f"http://127.0.0.1:{dash_port}", token, {**env, "RAY_ADDRESS": gcs}, workdir)
+    cluster.object_store_bytes = object_store_bytes
     try:
         head_extra = _head_args(gcs_port, dash_port, system_config or FAST_HEALTH_CHECK)
         cpus = num_cpus if head_cpus is None else head_cpus
@@ -278,12 +304,14 @@ def _start_node(
     object_store_bytes: int,
     timeout: float,
     attempts: int = 2,
+    tag: str = "",
 ) -> RayNode:
     """Launch one node and wait until the GCS has it ALIVE; a second try if Ray's start-up gives up."""
     for attempt in range(1, attempts + 1):
-        temp_dir = temp_root / f"{name}-{attempt}"
+        label = f"{name}-{tag}{attempt}"
+        temp_dir = temp_root / label
         args = [*role_args, *_node_args(name, num_cpus, temp_dir, object_store_bytes)]
-        node = _launch(name, args, temp_dir, cluster.env, cluster.workdir, logs / f"{name}-{attempt}.log")
+        node = _launch(name, args, temp_dir, cluster.env, cluster.workdir, logs / f"{label}.log")
         try:
             _find_raylet(node, timeout)
             _wait_states(cluster, {node.node_id: "ALIVE"}, timeout, launcher=node)

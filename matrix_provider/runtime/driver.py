@@ -145,6 +145,7 @@ class PartitionDriver:
         self.fatal: BaseException | None = None
         self.watchdog: asyncio.Task[None] | None = None
         self.held = 0  # rows read and not yet in a written part (in flight or buffered), every unit
+        self.peak_held = 0
         self.room = asyncio.Event()
         self.room.set()
 
@@ -227,6 +228,7 @@ class PartitionDriver:
                     continue
                 await self._wait_for_room()
                 self.held += 1
+                self.peak_held = max(self.peak_held, self.held)
                 if record.id in run.seen:
                     reason = (
                         f"duplicate id {record.id!r}: an earlier row of this unit has it; kept under its position id"
@@ -520,6 +522,7 @@ class PartitionDriver:
             "in_flight": len(self.in_flight),
             "open_units": len(self.units),
             "units_reading": sum(run.reading for run in self.units.values()),
+            "peak_held": self.peak_held,
             "prompt_tokens": t["prompt_tokens"],
             "completion_tokens": t["completion_tokens"],
         }

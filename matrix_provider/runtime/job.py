@@ -310,7 +310,11 @@ def _run_units(
                     f"{len(scheduler.changed)} input file(s) changed while the run read them, e.g. "
                     f"{scheduler.changed[0]}; every other unit is committed: rerun to process the new versions"
                 )
-            return {**_agent_figures(list(actors.agents.values())), "peak_rows_in_flight": scheduler.peak_in_flight}
+            return {
+                **_agent_figures(list(actors.agents.values())),
+                "peak_rows_in_flight": scheduler.peak_in_flight,
+                "peak_rows_held": scheduler.peak_held,
+            }
         finally:
             actors.kill()
             if pools:  # after the agents: no call starts a sandbox once its pool closed
@@ -390,6 +394,7 @@ class UnitScheduler:
         self.suspect: set[int] = set()
         self.next_ping = 0.0
         self.peak_in_flight = 0  # the most rows in flight the drivers reported at once
+        self.peak_held = 0  # the most rows one driver held unwritten (in flight or buffered)
         self.changed: list[str] = []  # why units whose file changed under the run were left
 
     def run(self, todo: list[Split], records: dict[str, dict[str, Any]]) -> None:
@@ -489,6 +494,7 @@ class UnitScheduler:
                 _fail_if_gone(answer, int(name))
         if self.stats:
             totals = {k: sum(s[k] for s in self.stats.values()) for k in next(iter(self.stats.values()))}
+            self.peak_held = max(s["peak_held"] for s in self.stats.values())
             totals["rows_resumed"] += self.resumed
             self.peak_in_flight = max(self.peak_in_flight, totals["in_flight"])
             self.reporter.update(totals)

@@ -219,16 +219,20 @@ class OutputStore:
                 self.fs.rm_file(self.path(name))
 
     def _read_json_files(self, paths: list[str]) -> list[dict[str, Any]]:
+        """The files' JSON; a file that does not parse (cut short by a power loss) counts as absent."""
         if not paths:
             return []
-        return [json.loads(data) for data in self.fs.cat(paths).values()]
+        return [record for data in self.fs.cat(paths).values() if (record := _parse(data)) is not None]
+
+    def _read_json(self, name: str) -> dict[str, Any] | None:
+        try:
+            return _parse(self.fs.cat_file(self.path(name)))
+        except FileNotFoundError:
+            return None
 
     # -- epochs ------------------------------------------------------------------------------------
     def read_epoch(self, epoch: int) -> dict[str, Any] | None:
-        try:
-            return json.loads(self.fs.cat_file(self.path(f"{EPOCHS_DIR}/{_epoch_dir(epoch)}.json")))
-        except FileNotFoundError:
-            return None
+        return self._read_json(f"{EPOCHS_DIR}/{_epoch_dir(epoch)}.json")
 
     def create_epoch(self, epoch: int, meta: dict[str, Any], fence: Fence) -> None:
         """Record the config that owns epoch `epoch` (once; a rerun of an interrupted start finds it)."""
@@ -258,10 +262,7 @@ class OutputStore:
         return self._read_json_files([self.path(f"{folder}/{n}") for n in names])
 
     def unit_record(self, epoch: int, uid: str) -> dict[str, Any] | None:
-        try:
-            return json.loads(self.fs.cat_file(self.path(f"{COMMITS_DIR}/{_epoch_dir(epoch)}/{uid}.json")))
-        except FileNotFoundError:
-            return None
+        return self._read_json(f"{COMMITS_DIR}/{_epoch_dir(epoch)}/{uid}.json")
 
     def unit_records(self, epoch: int) -> dict[str, dict[str, Any]]:
         """Every committed unit's record in an epoch, by unit id: one listing and one batched read (O(units))."""
@@ -271,12 +272,23 @@ class OutputStore:
         return {r["unit_id"]: r for r in records}
 
     def create_unit_record(self, epoch: int, record: dict[str, Any], fence: Fence) -> dict[str, Any]:
-        """Write a unit's commit record unless one exists; returns the record that holds."""
+        """Write a unit's commit record unless one exists; returns the record that holds.
+
+        A record that exists but does not parse (cut short by a power loss before fsync mattered,
+        or by hand) commits nothing: it is replaced.
+        """
         name = f"{COMMITS_DIR}/{_epoch_dir(epoch)}/{record['unit_id']}.json"
         data = json.dumps(record).encode()
-        if self.retrying(lambda: self.create(name, data), fence):
-            return record
-        return json.loads(self.fs.cat_file(self.path(name)))
+        for _ in range(2):
+            if self.retrying(lambda: self.create(name, data), fence):
+                return record
+            held = self._read_json(name)
+            if held is not None:
+                return held
+            fence()
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm_file(self.path(name))
+        raise OutputError(f"output {self.uri!r}: the commit record {name} keeps being replaced by another writer")
 
     def publish(self, epoch: int, record: dict[str, Any], fence: Fence) -> None:
         """Make a committed unit's parts visible, then fold its part records away.
@@ -376,6 +388,14 @@ class OutputStore:
 
     def read_manifest(self) -> dict[str, Any]:
         return json.loads(self.fs.cat_file(self.path(MANIFEST_FILE)))
+
+
+def _parse(data: bytes) -> dict[str, Any] | None:
+    try:
+        value = json.loads(data)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def _mtime(info: dict[str, Any]) -> float:
