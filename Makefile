@@ -5,7 +5,7 @@ UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test lint bench scale clean image
+.PHONY: install demo test lint bench scale chaos clean image
 
 $(UV):
 	python3 -m pip install --user --quiet uv==$(UV_VERSION)
@@ -31,6 +31,11 @@ test: install lint
 # State-scale at a million rows (make test runs it at 400,000): ~5 min on 2 cores.
 scale: install
 	MATRIX_SCALE_ROWS=100000,1000000 $(PY) -m pytest -q -s tests/test_state_scale.py
+
+# 30 randomized fault schedules (tests/chaos.py) on a 3-node Ray cluster, output on S3 behind a fault
+# proxy; prints rows lost/doubled per schedule and writes bench/results/chaos.json.
+chaos: install
+	$(PY) -m tests.chaos --schedules 30
 
 bench: install
 	$(PY) bench/run.py

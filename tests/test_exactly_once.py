@@ -347,7 +347,7 @@ def test_a_driver_that_cannot_restart_fails_the_run_at_once(ray_cluster, tmp_pat
     src = write_jsonl(tmp_path / "in" / "d.jsonl", 200)
     out = tmp_path / "out"
     spec = str(REPO / "tests" / "pipelines" / "fragile_driver.yaml")
-    args = [spec, "--input", str(src), "--output", str(out), "--concurrency", "4"]
+    args = [spec, "--input", str(src), "--output", str(out), "--concurrency", "4", "io.part_rows=5"]
     proc = subprocess.Popen(
         [str(VENV_BIN / "matrix"), "run", *args, "--quiet"],
         env={**ray_cluster.env, "PYTHONPATH": str(REPO)},
