@@ -41,7 +41,7 @@ from typing import Any
 import fsspec
 from ray.util.state import list_actors
 
-from tests.conftest import REPO, VENV_BIN, S3Server, start_seaweed, wait_port
+from tests.conftest import REPO, VENV_BIN, S3Server, free_port, start_seaweed, wait_port
 from tests.corpus import write_jsonl
 from tests.fault_proxy import FaultProxy
 from tests.multinode import MultiNodeCluster, kill_worker_raylet, multinode_cluster, replace_worker, wait_node_dead
@@ -346,7 +346,8 @@ def chaos_stand(workdir: Path, s3: S3Server | None = None) -> Iterator[tuple[Mul
     with contextlib.ExitStack() as stack:
         if s3 is None:
             s3 = stack.enter_context(_own_seaweed(workdir / "seaweed"))
-        cluster = stack.enter_context(multinode_cluster(workdir, workers=2, num_cpus=2, extra_env=s3.env))
+        serve = {"MATRIX_SERVE_PORT": str(free_port())}  # Serve's HTTP port: never a default another cluster holds
+        cluster = stack.enter_context(multinode_cluster(workdir, workers=2, num_cpus=2, extra_env={**s3.env, **serve}))
         proxy = stack.enter_context(FaultProxy(s3.endpoint, fail_first=0, method=None, path_regex=r"^$"))
         yield cluster, s3, proxy
 

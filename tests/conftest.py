@@ -119,14 +119,18 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster
     token = ensure_token(env)
     for attempt in (1, 2):  # on a loaded machine Ray's start-up can give up waiting for its agent: once more
         gcs_port, dash_port = free_port(), free_port()
-        started = subprocess.run(
-            _head_command(gcs_port, dash_port), env=env, cwd=workdir, capture_output=True, text=True, timeout=180
-        )
-        if started.returncode == 0:
+        try:
+            started = subprocess.run(
+                _head_command(gcs_port, dash_port), env=env, cwd=workdir, capture_output=True, text=True, timeout=300
+            )
+            failure = "" if started.returncode == 0 else f"{started.stdout[-2000:]}\n{started.stderr[-3000:]}"
+        except subprocess.TimeoutExpired as exc:
+            failure = f"timed out after {exc.timeout:.0f}s"
+        if not failure:
             break
         _kill_cluster(gcs_port)
         if attempt == 2:
-            raise RuntimeError(f"ray start --head failed twice:\n{started.stdout[-2000:]}\n{started.stderr[-3000:]}")
+            raise RuntimeError(f"ray start --head failed twice; last: {failure}")
     run_env = {**env, "RAY_ADDRESS": f"127.0.0.1:{gcs_port}"}
     wait_port(dash_port)
     try:

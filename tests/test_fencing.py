@@ -11,8 +11,10 @@ naming the run that took over.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +22,7 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from tests.conftest import REPO, VENV_BIN, assert_exactly_once, committed_units, read_output
+from tests.conftest import REPO, VENV_BIN, assert_exactly_once, read_output
 from tests.corpus import write_jsonl
 from tests.fault_proxy import FaultProxy
 from tests.output_readers import read_three_ways
@@ -28,7 +30,6 @@ from tests.output_readers import read_three_ways
 TTL = ["io.lease_ttl_s=2"]
 FAST = ["llm=sim", "llm.decode_s_per_token=0.001", "llm.output_tokens_mean=4", "io.flush_interval_s=0.5"]
 SLOW = ["llm=sim", "llm.decode_s_per_token=0.04", "llm.output_tokens_mean=10", "llm.slots=4", "io.part_rows=5"]
-CORAL = str(REPO / "bench" / "coral_shaped.yaml")
 
 
 def _endpoint(url: str) -> list[str]:
@@ -72,17 +73,35 @@ class FrozenTakeover:
     def key(self) -> str:
         return self.out.removeprefix("s3://")
 
-    def leases(self) -> int:
+    def epochs(self) -> list[int]:
+        """The epochs opened so far (the new run opens its own right after it took the output over)."""
         self.fs.invalidate_cache()
-        return len(self.fs.glob(f"{self.key()}/_leases/*.json"))
+        return sorted(int(p.rsplit("/", 1)[1].split(".")[0]) for p in self.fs.glob(f"{self.key()}/_epochs/*.json"))
 
-    def start_old(self, spec: str, extra: list[str]) -> None:
+    def unit_records(self, epoch: int) -> int:
+        self.fs.invalidate_cache()
+        return len(self.fs.glob(f"{self.key()}/_commits/{epoch:08d}/*.json"))
+
+    def start_old(
+        self,
+        spec: str,
+        extra: list[str],
+        hold: Callable[[], threading.Event],
+        until: Callable[[], bool] = lambda: True,
+    ) -> None:
+        """Start the old run and hold the first request `hold` arms for once `until()` is true
+        (requests held before that are sent on at once and the hold armed again)."""
         args = [spec, "--input", str(self.src), "--output", self.out, *TTL, *extra, *_endpoint(self.proxy.endpoint)]
         self.old = _start(self.cluster, self.s3, args)
+        while True:
+            held = hold()
+            _wait(held.is_set, "held request", proc=self.old)
+            if until():
+                return
+            self.proxy.release()
 
-    def freeze_old_past_its_ttl(self, held) -> None:
+    def freeze_old_past_its_ttl(self) -> None:
         assert self.old is not None
-        _wait(held.is_set, "held request", proc=self.old)
         os.kill(self.old.pid, signal.SIGSTOP)
         time.sleep(4)  # twice the TTL, by the store's clock too
 
@@ -130,24 +149,26 @@ def takeover(ray_cluster, s3_server, tmp_path: Path, request):
 
 def test_a_run_frozen_in_its_cleanup_deletes_nothing_of_the_run_that_took_over(takeover: FrozenTakeover) -> None:
     """Frozen on the listing its end-of-run sweep starts with, after every unit was committed; a new
-    run with --overwrite takes over and is still writing when the old one wakes up with that listing
-    in hand. Before fencing, the old run deleted every part its own records did not name (the new
-    run's), wrote `_SUCCESS`, and exited 0."""
+    run with --overwrite takes over and finishes; then the old one wakes up and gets that listing,
+    which holds the new run's parts. Before fencing, the old run deleted every part its own records
+    did not name (all of the new run's), wrote its own `_manifest.json` and exited 0."""
     for i in range(2):
         write_jsonl(takeover.src / f"d{i}.jsonl", 10, start=10 * i)
-    root_listing = rf"prefix={takeover.key().split('/', 1)[1]}%2F(&|$)"
-    held = takeover.proxy.hold(method="GET", path_regex=r".", query_regex=root_listing)
-    takeover.start_old("natural_reasoning", FAST)
-    takeover.freeze_old_past_its_ttl(held)
-    takeover.start_new("natural_reasoning", [*SLOW, "--overwrite"])
-    _wait(
-        lambda: takeover.leases() == 2 and len(committed_units(takeover.out, takeover.s3.storage_options())) >= 1,
-        "a unit committed by the new run",
-        proc=takeover.new,
+    # A listing of the output folder itself (decoded query; `exists` probes add max-keys=1). The run
+    # also lists it while it takes its lease: those are let through until both units are committed.
+    root_listing = rf"^list-type=2&prefix={re.escape(takeover.key().split('/', 1)[1])}/&delimiter=/&encoding-type=url$"
+    takeover.start_old(
+        "natural_reasoning",
+        FAST,
+        hold=lambda: takeover.proxy.hold(method="GET", path_regex=r".", query_regex=root_listing),
+        until=lambda: takeover.unit_records(1) == 2,
     )
-    output = takeover.thaw_old()
-    assert "was taken over by run" in output and "generation 2" in output, output[-2000:]
+    takeover.freeze_old_past_its_ttl()
+    takeover.start_new("natural_reasoning", [*FAST, "--overwrite"])
     takeover.finish_new()
+    takeover.check(20)
+    output = takeover.thaw_old()
+    assert "was taken over by run" in output and "this run (generation 1) stopped" in output, output[-2000:]
     takeover.check(20)
 
 
@@ -158,11 +179,12 @@ def test_a_commit_record_that_lands_after_an_overwrite_changes_nothing(takeover:
     it, and the new run deleted its own parts: `_SUCCESS` over missing rows."""
     write_jsonl(takeover.src / "d0.jsonl", 12)
     unit_record = r"/_commits/(\d{8}/)?[0-9a-f]{16}\.json$"
-    held = takeover.proxy.hold(method="PUT", path_regex=unit_record)
-    takeover.start_old("natural_reasoning", FAST)
-    takeover.freeze_old_past_its_ttl(held)
+    takeover.start_old(
+        "natural_reasoning", FAST, hold=lambda: takeover.proxy.hold(method="PUT", path_regex=unit_record)
+    )
+    takeover.freeze_old_past_its_ttl()
     takeover.start_new("natural_reasoning", [*SLOW, "--overwrite"])
-    _wait(lambda: takeover.leases() == 2, "the new run's lease", proc=takeover.new)
+    _wait(lambda: takeover.epochs() == [1, 2], "the new run's epoch", proc=takeover.new)
     takeover.thaw_old()
     takeover.finish_new()
     takeover.check(12)
@@ -173,9 +195,11 @@ def test_a_part_that_a_stale_driver_writes_late_is_never_seen(takeover: FrozenTa
     writes `_SUCCESS`; then the old part lands. Before parts were staged, it landed in the folder
     and a plain Parquet reader saw its rows twice."""
     write_jsonl(takeover.src / "d0.jsonl", 12)
-    held = takeover.proxy.hold(method="PUT", path_regex=r"/part-[^/]*\.parquet$")
-    takeover.start_old("natural_reasoning", [*FAST, "io.part_rows=4"])
-    takeover.freeze_old_past_its_ttl(held)
+    part = r"/part-[^/]*\.parquet$"
+    takeover.start_old(
+        "natural_reasoning", [*FAST, "io.part_rows=4"], hold=lambda: takeover.proxy.hold(method="PUT", path_regex=part)
+    )
+    takeover.freeze_old_past_its_ttl()
     takeover.start_new("natural_reasoning", FAST)
     takeover.finish_new()
     takeover.check(12)

@@ -16,7 +16,15 @@ import fsspec
 import pytest
 from ray.util.state import list_actors, list_workers
 
-from tests.conftest import VENV_BIN, assert_exactly_once, committed_units, read_manifest, read_output, run_matrix
+from tests.conftest import (
+    VENV_BIN,
+    assert_exactly_once,
+    committed_units,
+    free_port,
+    read_manifest,
+    read_output,
+    run_matrix,
+)
 from tests.corpus import write_jsonl
 from tests.multinode import kill_worker_raylet, multinode_cluster, wait_node_dead
 
@@ -47,7 +55,8 @@ def test_losing_a_node_mid_run_loses_and_doubles_nothing(s3_server, tmp_path: Pa
     s3_in = f"s3://{s3_server.bucket}/mn-in-{tmp_path.name}"
     fs.put(str(src), s3_in, recursive=True)
     out = f"s3://{s3_server.bucket}/mn-out-{tmp_path.name}"
-    with multinode_cluster(tmp_path, workers=2, num_cpus=2, extra_env=s3_server.env) as cluster:
+    serve = {"MATRIX_SERVE_PORT": str(free_port())}  # Serve's HTTP port: never a default another cluster holds
+    with multinode_cluster(tmp_path, workers=2, num_cpus=2, extra_env={**s3_server.env, **serve}) as cluster:
         # A local output would be split over the nodes' disks: refused before any work.
         refused = run_matrix(
             ["run", "prefilter", "--input", s3_in, "--output", str(tmp_path / "local")], cluster.env, timeout=300

@@ -13,6 +13,7 @@ cost about as little as a start: it reads the small per-unit commit records, not
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -64,7 +65,9 @@ def _command(src: Path, out: Path) -> list[str]:
     ]
 
 
-def _measured_run(cluster: RayCluster, src: Path, out: Path, timeout: float) -> Measured:
+def _measured_run(
+    cluster: RayCluster, src: Path, out: Path, timeout: float, command: list[str] | None = None
+) -> Measured:
     """`matrix run` joined to the session's cluster, its job and our actors' workers sampled.
 
     A run over `timeout` is killed and reported (not raised), so the figures still get printed.
@@ -73,7 +76,12 @@ def _measured_run(cluster: RayCluster, src: Path, out: Path, timeout: float) -> 
     assert raylet is not None, f"no raylet for {cluster.gcs_address}"
     started = time.monotonic()
     proc = subprocess.Popen(
-        _command(src, out), env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO
+        command or _command(src, out),
+        env=cluster.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=REPO,
     )
     timed_out = False
     try:
@@ -138,3 +146,41 @@ def test_state_is_bounded_at_ten_times_the_rows(ray_cluster, tmp_path: Path, cap
     assert resume.returncode == 0, resume.failure()
     assert resume.wall_s < RESUME_LIMIT_S, f"resume with nothing to do took {resume.wall_s:.1f}s"
     assert read_manifest(str(tmp_path / "big" / "out"))["rows_resumed"] == BIG
+
+
+CORAL_ROWS = tuple(int(n) for n in os.environ.get("MATRIX_CORAL_SCALE_ROWS", "100,10000").split(","))
+
+
+def _coral_questions(path: Path, rows: int) -> Path:
+    """`rows` coral questions (the bundled GSM8K ones, repeated under new ids) in one JSONL file."""
+    bundled = [json.loads(line) for line in (REPO / "matrix_provider/data/coral/questions.jsonl").open()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as out:
+        for i in range(rows):
+            question = bundled[i % len(bundled)]
+            out.write(json.dumps({**question, "id": f"q{i}"}) + "\n")
+    return path
+
+
+@pytest.mark.timeout(900)
+def test_coral_job_memory_does_not_grow_with_rows(ray_cluster, tmp_path: Path, capsys) -> None:
+    """coral's summary is summed per part and per unit, so the job never reads rows back: its peak
+    USS at 100 and at 10,000 rows is the same within 25 % (it used to load every row's summary
+    columns, even on a resume with nothing to do)."""
+    fast = ["llm=sim", "llm.decode_s_per_token=0", "llm.output_tokens_mean=4", "llm.slots=256"]
+    fast += ["params.max_turns=2", "--partitions", "2", "--concurrency", "256", "--quiet"]
+    peaks, summaries, walls = [], [], []
+    for rows in CORAL_ROWS:
+        src = _coral_questions(tmp_path / f"in-{rows}" / "q.jsonl", rows)
+        out = tmp_path / f"out-{rows}"
+        command = [str(VENV_BIN / "matrix"), "run", "coral", "--input", str(src), "--output", str(out), *fast]
+        run = _measured_run(ray_cluster, src, out, 600, command)
+        assert run.returncode == 0, run.failure()
+        manifest = read_manifest(str(out))
+        assert manifest["rows_out"] == rows and manifest["summary"]["questions_answered"] == manifest["rows_ok"]
+        peaks.append(run.mem.max_by_kind("uss")["job"])
+        summaries.append(manifest["summary"])
+        walls.append(round(run.wall_s, 1))
+    with capsys.disabled():
+        print(f"\n[coral-scale] job peak USS (MB) at {CORAL_ROWS} rows: {[round(p) for p in peaks]}, {walls} s")
+    assert peaks[1] <= GROWTH * peaks[0], f"job peak USS grew from {peaks[0]:.0f} to {peaks[1]:.0f} MB"

@@ -204,7 +204,7 @@ class PartitionDriver:
     def _prior_parts(self, unit: Split) -> tuple[list[dict[str, Any]], RangeSet]:
         """Part records of earlier attempts at this unit whose staged parts still exist, chosen so
         that no two hold the same row (attempts that ran at once may overlap), and the rows they hold."""
-        staged = self.store.staged_parts(self.epoch)
+        staged = self.store.staged_parts(self.epoch, unit.uid)
         chosen: list[dict[str, Any]] = []
         done = RangeSet()
         for record in self.store.part_records(self.epoch, unit.uid):

@@ -254,7 +254,10 @@ def _finish_output(store: OutputStore, lease: Lease, planned: dict[str, dict[str
     this run still held the output. Units no longer in the input (a file removed or edited) leave
     with their parts: after `_SUCCESS` the output mirrors this run's input exactly.
     """
+    unpublished = set(store.missing_parts(planned))  # one listing; a resume with nothing to do finds none
     for record in planned.values():
+        if not unpublished.intersection(p["name"] for p in record["parts"]):
+            continue
         try:
             store.publish(lease.epoch, record, lease.check)
         except PartMissing as exc:

@@ -210,10 +210,14 @@ class OutputStore:
     def now(self) -> float:
         """The store's clock: the modification time of a probe written now (so no reader's clock counts)."""
         name = f"{STAGING_DIR}/.clock-{uuid.uuid4().hex}"
-        self.put(name, b"")
-        try:
+
+        def probe() -> float:
+            self.put(name, b"")
             self.fs.invalidate_cache(self.path(STAGING_DIR))
             return _mtime(self.fs.info(self.path(name)))
+
+        try:
+            return self.retrying(probe)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 self.fs.rm_file(self.path(name))
@@ -333,8 +337,11 @@ class OutputStore:
             with contextlib.suppress(FileNotFoundError):
                 self.fs.rm_file(path)
 
-    def staged_parts(self, epoch: int) -> set[str]:
-        return set(self.listing(f"{STAGING_DIR}/{_epoch_dir(epoch)}"))
+    def staged_parts(self, epoch: int, uid: str) -> set[str]:
+        """Names of the staged parts of one unit (a prefix listing, not the whole staging area)."""
+        folder = self.path(f"{STAGING_DIR}/{_epoch_dir(epoch)}")
+        self.fs.invalidate_cache(folder)
+        return {posixpath.basename(p) for p in self.fs.glob(f"{folder}/part-{uid}-*.parquet")}
 
     def published_parts(self) -> set[str]:
         return {n for n in self.listing("") if n.startswith("part-") and n.endswith(".parquet")}
