@@ -122,7 +122,7 @@ class Schedule:
         self.out = f"s3://{s3.bucket}/chaos-{seed}-{os.getpid()}"
         self.outcome = Outcome(seed, [f"{f.kind}@{f.at}" for f in draw(seed)])
         self.current: subprocess.Popen[str] | None = None
-        self.frozen: list[tuple[subprocess.Popen[str], bool]] = []  # (run, _SUCCESS existed when frozen)
+        self.frozen: list[tuple[subprocess.Popen[str], dict[str, bool]]] = []  # (run, {"taken": taken over})
         self.others: list[subprocess.Popen[str]] = []  # runs that must not have taken the output
         self.threads: list[threading.Thread] = []
         self.next_row = 10_000
@@ -141,10 +141,11 @@ class Schedule:
             start_new_session=True,
         )
 
-    def _success(self) -> bool:
+    def _generations(self) -> int:
+        """How many runs have taken the output so far (lease files; `_leases/` only grows)."""
         fs = fsspec.filesystem("s3", **self.s3.storage_options())
         fs.invalidate_cache()
-        return fs.exists(f"{self.out.removeprefix('s3://')}/_SUCCESS")
+        return len(fs.glob(f"{self.out.removeprefix('s3://')}/_leases/*.json"))
 
     def run(self) -> Outcome:
         started = time.monotonic()
@@ -229,17 +230,28 @@ class Schedule:
         return True
 
     def _freeze_job(self) -> bool:
+        """SIGSTOP the run past its TTL and start another; SIGCONT the first 1-8 s after the other
+        took the output over (or after 60 s if it could not: then the first may finish normally)."""
         assert self.current is not None
         if self.current.poll() is not None:
             return False
-        done = self._success()
-        os.killpg(self.current.pid, signal.SIGSTOP)
-        self.frozen.append((self.current, done))
+        before = self._generations()
+        frozen, verdict = self.current, {"taken": False}
+        os.killpg(frozen.pid, signal.SIGSTOP)
+        self.frozen.append((frozen, verdict))
         time.sleep(2 * TTL_S + 1)  # past the TTL by the store's clock
-        self.current = self._start()  # takes the output over
+        self.current = self._start()
         thaw_in = self.rng.uniform(1.0, 8.0)
-        frozen = self.frozen[-1][0]
-        self.threads.append(_background(lambda: (time.sleep(thaw_in), _cont(frozen))))
+
+        def thaw() -> None:
+            deadline = time.monotonic() + 60
+            while self._generations() <= before and time.monotonic() < deadline:
+                time.sleep(0.5)
+            time.sleep(thaw_in)
+            verdict["taken"] = self._generations() > before
+            _cont(frozen)
+
+        self.threads.append(_background(thaw))
         return True
 
     def _second_run(self) -> bool:
@@ -274,14 +286,14 @@ class Schedule:
         write_jsonl(self.src / "c-appended.jsonl", 40, start=200)
 
     def _thaw_all(self) -> None:
-        for proc, succeeded in self.frozen:
+        for proc, verdict in self.frozen:
             _cont(proc)
             self._collect(proc)
             code, output = proc.returncode, getattr(proc, "output", "")
-            if code == 0 and not succeeded:
+            if verdict["taken"] and code == 0:
                 self.outcome.violations.append("a frozen run that was taken over exited 0")
-            if code == 1 and "taken over by run" not in output and "is held by" not in output:
-                self.outcome.violations.append(f"a frozen run failed without naming the taker: {output[-300:]}")
+            if verdict["taken"] and "taken over by run" not in output:
+                self.outcome.violations.append(f"a run that was taken over did not name the taker: {output[-300:]}")
 
     def _check_refused(self, proc: subprocess.Popen[str]) -> None:
         """A run started against a live one exits 2 naming the holder (0 or 1 if the holder had ended)."""

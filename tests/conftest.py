@@ -117,11 +117,19 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster
     env.update(RAY_AUTH_MODE="token", MATRIX_SERVE_PORT=str(serve_port))  # inherited by jobs the cluster runs
     workdir = tmp_path_factory.mktemp("raycwd")  # never start jobs beside Ray's temp dir
     token = ensure_token(env)
-    for attempt in (1, 2):  # on a loaded machine Ray's start-up can give up waiting for its agent: once more
+    # On a loaded machine Ray's start-up gives up waiting for its raylet to register (15 s by default):
+    # wait longer, and try again once.
+    start_env = {**env, "RAY_raylet_start_wait_time_s": "120"}
+    for attempt in (1, 2):
         gcs_port, dash_port = free_port(), free_port()
         try:
             started = subprocess.run(
-                _head_command(gcs_port, dash_port), env=env, cwd=workdir, capture_output=True, text=True, timeout=300
+                _head_command(gcs_port, dash_port),
+                env=start_env,
+                cwd=workdir,
+                capture_output=True,
+                text=True,
+                timeout=300,
             )
             failure = "" if started.returncode == 0 else f"{started.stdout[-2000:]}\n{started.stderr[-3000:]}"
         except subprocess.TimeoutExpired as exc:

@@ -2,7 +2,8 @@
 density, then datatrove's Gopher, C4 and FineWeb quality blocks), no LLM and no agent: every row is
 decided in its partition driver as it is read. Run it
 over a whole snapshot first and feed only its `ok` rows to the LLM stages; at DCLM scale most
-documents stop here, as in the paper.
+documents stop here, as in the paper. An `ok` row carries its text (for WARC input: the text
+extracted from the page) and the WARC metadata, so the output is the next stage's input.
 """
 
 from __future__ import annotations
@@ -26,14 +27,30 @@ class PrefilterOrchestrator(Orchestrator):
 
 
 def output(msg: Orchestrator) -> dict[str, Any]:
-    return {"url": msg.row.get("url"), "chars": len(str(msg.row["text"]))}
+    row = msg.row
+    kept = {"text": row["text"]} if msg.status == OK else {}
+    return {
+        "url": row.get("url"),
+        "chars": len(str(row["text"])),
+        **kept,
+        **{k: row.get(k) for k in ("warc_record_id", "date", "language")},
+    }
 
 
 PIPELINE = Pipeline(
     name="prefilter",
     orchestrator=PrefilterOrchestrator,
     roles={},
-    columns=pa.schema([pa.field("url", pa.string()), pa.field("chars", pa.int64())]),
+    columns=pa.schema(
+        [
+            pa.field("url", pa.string()),
+            pa.field("chars", pa.int64()),
+            pa.field("text", pa.string()),
+            pa.field("warc_record_id", pa.string()),
+            pa.field("date", pa.string()),
+            pa.field("language", pa.string()),
+        ]
+    ),
     output=output,
     admit=cheap_checks,
     check_params=check_params,

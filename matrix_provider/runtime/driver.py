@@ -46,8 +46,9 @@ from matrix_provider.runtime.metrics import PipelineMetrics
 from matrix_provider.runtime.orchestrator import ERROR
 from matrix_provider.runtime.pipeline import Pipeline, admission, admitted_row, error_row, load_pipeline, output_row
 from matrix_provider.runtime.ranges import RangeSet
+from matrix_provider.runtime.records import Record, Split
 from matrix_provider.runtime.sink import OutputStore
-from matrix_provider.runtime.sources import InputChanged, Record, Split, current_identity, open_fs, read_unit
+from matrix_provider.runtime.sources import InputChanged, current_identity, open_fs, read_unit
 from matrix_provider.runtime.spec import PipelineSpec
 from matrix_provider.runtime.summary import add_counts, sum_counts
 
@@ -108,7 +109,10 @@ def _take(
     """The next `n` (index, record, admission verdict), the verdicts computed here, off the event
     loop, and only for rows no earlier attempt holds."""
     batch = list(itertools.islice(iterator, n))
-    return [(i, r, None if r.row is None or i in done else admission(pipeline, r.row, params)) for i, r in batch]
+    return [
+        (i, r, None if r.row is None or r.status is not None or i in done else admission(pipeline, r.row, params))
+        for i, r in batch
+    ]
 
 
 def _fold(parts: list[dict[str, Any]]) -> dict[str, Any]:
@@ -236,9 +240,8 @@ class PartitionDriver:
                     self._emit(run, position, error_row(self.pipeline, record.pos_id, ERROR, reason))
                     continue
                 run.seen.add(record.id)
-                if record.row is None:
-                    row = error_row(self.pipeline, record.id, record.status or ERROR, record.reason or "")
-                    self._emit(run, position, row)
+                if record.row is None or record.status is not None:  # decided by the reader
+                    self._emit(run, position, self._decided_row(record))
                     continue
                 if verdict is not None:  # stopped by the pipeline's cheap checks: never leaves this driver
                     self._emit(run, position, admitted_row(self.pipeline, record.id, record.row, *verdict))
@@ -255,6 +258,17 @@ class PartitionDriver:
         run.reading = False
         run.seen.clear()
         run.wake.set()
+
+    def _decided_row(self, record: Record) -> dict[str, Any]:
+        """The output row of a record its reader decided (a bad line, a WARC record that is not a
+        document): the pipeline's columns filled from what the reader kept of it, where it kept any."""
+        status, reason = record.status or ERROR, record.reason or ""
+        if record.row is not None:
+            try:
+                return admitted_row(self.pipeline, record.id, record.row, status, reason)
+            except Exception:  # the pipeline's output() on a partial row: the base columns still say why
+                pass
+        return error_row(self.pipeline, record.id, status, reason)
 
     async def _wait_for_room(self) -> None:
         """Hold back reading while this driver holds its concurrency plus one part of rows not yet

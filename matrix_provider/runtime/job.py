@@ -35,16 +35,9 @@ from matrix_provider.runtime.actors import ActorInitFailed, RunActors
 from matrix_provider.runtime.lease import Holder, Lease, StaleRun
 from matrix_provider.runtime.pipeline import Pipeline, load_pipeline
 from matrix_provider.runtime.progress import Reporter, print_summary
+from matrix_provider.runtime.records import Split
 from matrix_provider.runtime.sink import OutputError, OutputStore, PartMissing
-from matrix_provider.runtime.sources import (
-    InputChanged,
-    InputError,
-    Split,
-    list_inputs,
-    open_fs,
-    plan_units,
-    split_size,
-)
+from matrix_provider.runtime.sources import InputChanged, InputError, list_inputs, open_fs, plan_units, split_size
 from matrix_provider.runtime.spec import PipelineSpec, SpecError
 from matrix_provider.runtime.summary import sum_counts
 from matrix_provider.sandbox import backends as sandbox_backends

@@ -19,13 +19,11 @@ our own `_commits/`) are not input, as in Hadoop and Arrow.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import posixpath
 import re
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import fsspec
@@ -33,25 +31,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zstandard
 
+from matrix_provider.runtime.records import Record, Split, check_row
 from matrix_provider.runtime.spec import IOSpec
+from matrix_provider.runtime.warc import read_warc, warc_kind
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst")
 PARQUET_SUFFIXES = (".parquet", ".pq")
+SPLITTABLE = ("jsonl", "parquet", "warc.gz")  # kinds a large file of is cut into byte / row-group ranges
 _MIN_SPLIT_BYTES = 64 << 10
 # A JSON escape of a UTF-16 surrogate (\ud800-\udfff); json.loads joins valid pairs, so any
 # surrogate left after loading is a lone one, which no UTF-8 writer accepts.
 _SURROGATE_ESCAPE = re.compile(rb"\\[uU][dD][89a-fA-F]")
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
-# The form of a position id (`<input file>@<byte>`, `:<line>`, `#<row>`, `<unit>!unread`): reserved,
-# so that an id a row brings can never equal the position id of another row.
-POSITION_ID = re.compile(
-    r".*\.(jsonl|json|ndjson|parquet|pq)(\.gz|\.zst)?((@|:|#)\d+|(\[\d+:\d*\])?!unread)",
-    re.IGNORECASE | re.DOTALL,
-)
-
-
-# What a truncated, corrupt or vanished file raises. Other I/O errors (timeouts, resets, expired
-# credentials) are transient: they fail the unit's attempt, which the job hands out again.
 FILE_FAULTS = (
     FileNotFoundError,
     EOFError,
@@ -97,40 +88,6 @@ def current_identity(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
         return None
 
 
-@dataclass(frozen=True)
-class Split:
-    """A unit of work: a whole file, or a byte / row-group range of one."""
-
-    path: str
-    name: str  # relative to the input root
-    kind: str  # "jsonl", "jsonl.gz", "jsonl.zst", "parquet"
-    start: int = 0  # byte offset (plain JSONL) or first row group (Parquet)
-    end: int | None = None
-    size: int = 0
-    identity: str = ""  # the file's version when it was listed (see `file_identity`)
-
-    @property
-    def key(self) -> str:
-        """Readable name of the unit: file, then range."""
-        return self.name if self.end is None and self.start == 0 else f"{self.name}[{self.start}:{self.end}]"
-
-    @property
-    def uid(self) -> str:
-        """Short stable id (commit record and part file names): the unit and its file's version, so a
-        file edited since its units were committed gives new units and is redone whole."""
-        key = f"{self.key}|{self.identity}"
-        return hashlib.sha1(key.encode("utf-8", "surrogatepass")).hexdigest()[:16]
-
-
-@dataclass
-class Record:
-    pos_id: str
-    id: str
-    row: dict[str, Any] | None  # None for a bad line
-    status: str | None = None  # "error" or "filtered" for a bad line
-    reason: str | None = None
-
-
 def open_fs(uri: str, storage_options: dict[str, Any]) -> tuple[fsspec.AbstractFileSystem, str]:
     fs, path = fsspec.core.url_to_fs(uri, **storage_options)
     return fs, path
@@ -140,10 +97,24 @@ def _kind(path: str) -> str | None:
     lower = path.lower()
     if lower.endswith(PARQUET_SUFFIXES):
         return "parquet"
+    if kind := warc_kind(lower):
+        return kind
     for suffix in JSONL_SUFFIXES:
         if lower.endswith(suffix):
             return "jsonl" + ("." + suffix.rsplit(".", 1)[1] if suffix.endswith((".gz", ".zst")) else "")
     return None
+
+
+def _format_kind(path: str, fmt: str) -> str | None:
+    """The reader a file gets: by its name with `io.format=auto`, else the one the format names."""
+    if fmt == "auto":
+        return _kind(path)
+    if fmt == "parquet":
+        return "parquet"
+    if fmt in ("warc", "wet"):
+        return warc_kind(path, forced=True)
+    kind = _kind(path)
+    return kind if kind is not None and kind.startswith("jsonl") else "jsonl"
 
 
 def is_hidden(relpath: str) -> bool:
@@ -168,11 +139,7 @@ def list_inputs(uri: str, io_spec: IOSpec) -> tuple[fsspec.AbstractFileSystem, l
         paths = sorted(p for p in infos if not is_hidden(posixpath.relpath(p, base)))
         splits = []
         for path in paths:
-            kind = (
-                _kind(path)
-                if io_spec.format == "auto"
-                else ("parquet" if io_spec.format == "parquet" else _kind(path) or "jsonl")
-            )
+            kind = _format_kind(path, io_spec.format)
             if kind is None:
                 continue
             name = posixpath.relpath(path, base) if base else posixpath.basename(path)
@@ -186,7 +153,7 @@ def list_inputs(uri: str, io_spec: IOSpec) -> tuple[fsspec.AbstractFileSystem, l
     except Exception as exc:  # botocore credential/endpoint errors have no common base we can import cheaply
         raise InputError(f"cannot read input {uri!r}: {type(exc).__name__}: {exc}") from None
     if not splits:
-        raise InputError(f"input {uri!r} has no JSONL (.jsonl[.gz|.zst]) or Parquet files")
+        raise InputError(f"input {uri!r} has no JSONL (.jsonl[.gz|.zst]), Parquet or WARC (.warc[.gz], .wet.gz) files")
     return fs, splits
 
 
@@ -194,7 +161,7 @@ def split_size(files: list[Split], io_spec: IOSpec, partitions: int) -> int:
     """The unit size for an output's first run: at most `io.split_bytes`, smaller when that is what it
     takes to give every partition work (a single 5 MB file over 4 partitions is cut in 4), down to
     64 KiB. The sink records it, so later runs cut the same units whatever their partition count."""
-    splittable = sum(f.size for f in files if f.kind in ("jsonl", "parquet"))
+    splittable = sum(f.size for f in files if f.kind in SPLITTABLE)
     return min(io_spec.split_bytes, max(_MIN_SPLIT_BYTES, -(-splittable // partitions)))
 
 
@@ -202,7 +169,7 @@ def plan_units(fs: fsspec.AbstractFileSystem, files: list[Split], split_bytes: i
     """Cut large plain JSONL files into byte ranges and large Parquet files into row-group ranges."""
     units: list[Split] = []
     for f in files:
-        if f.kind == "jsonl" and f.size > split_bytes:
+        if f.kind in ("jsonl", "warc.gz") and f.size > split_bytes:
             for start in range(0, f.size, split_bytes):
                 end = min(start + split_bytes, f.size)
                 units.append(Split(f.path, f.name, f.kind, start, end, end - start, f.identity))
@@ -250,6 +217,8 @@ def read_unit(fs: fsspec.AbstractFileSystem, unit: Split, io_spec: IOSpec) -> It
 def read_split(fs: fsspec.AbstractFileSystem, split: Split, io_spec: IOSpec) -> Iterator[Record]:
     if split.kind == "parquet":
         yield from _read_parquet(fs, split, io_spec)
+    elif split.kind.startswith("warc"):
+        yield from read_warc(fs, split, io_spec)
     elif split.kind == "jsonl":
         yield from _read_jsonl_range(fs, split, io_spec)
     else:
@@ -369,35 +338,6 @@ def replace_lone_surrogates(value: Any) -> Any:
                 elif isinstance(item, dict | list):
                     stack.append(item)
     return value
-
-
-def row_id(raw_id: Any, pos_id: str) -> tuple[str, str | None]:
-    """(the row's id, why it cannot keep the id it brought). Strings and integers are ids (`1` and
-    `"1"` are the same); other JSON values and ids of a position id's form are refused."""
-    if raw_id in (None, ""):
-        return pos_id, None
-    if isinstance(raw_id, bool) or not isinstance(raw_id, str | int):
-        return pos_id, f"id is a {type(raw_id).__name__}, not a string or an integer"
-    text = str(raw_id)
-    if POSITION_ID.fullmatch(text):
-        return pos_id, f"id {text[:80]!r} has the form of a position id, which names rows by their place in the input"
-    return text, None
-
-
-def check_row(row: dict[str, Any], pos_id: str, io_spec: IOSpec) -> Record:
-    rid, refused = row_id(row.get(io_spec.id_field), pos_id)
-    if refused:
-        return Record(pos_id, rid, None, "error", refused)
-    text = row.get(io_spec.text_field)
-    if text is None:
-        return Record(pos_id, rid, None, "error", f"missing field {io_spec.text_field!r}")
-    if not isinstance(text, str):
-        return Record(pos_id, rid, None, "error", f"field {io_spec.text_field!r} is not a string")
-    if len(text) > io_spec.max_doc_bytes:
-        return Record(
-            pos_id, rid, None, "error", f"document is {len(text) / 1e6:.1f} M characters, over io.max_doc_bytes"
-        )
-    return Record(pos_id, rid, row)
 
 
 def _read_parquet(fs: fsspec.AbstractFileSystem, split: Split, io_spec: IOSpec) -> Iterator[Record]:

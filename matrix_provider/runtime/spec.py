@@ -93,7 +93,7 @@ class OrchestratorSpec(_Strict):
 
 
 class IOSpec(_Strict):
-    format: Literal["auto", "jsonl", "parquet"] = "auto"
+    format: Literal["auto", "jsonl", "parquet", "warc", "wet"] = "auto"
     text_field: str = "text"
     id_field: str = "id"
     max_doc_bytes: int = Field(1_000_000, ge=1, description="larger documents become error rows")
