@@ -168,13 +168,11 @@ def run(spec: PipelineSpec, *, quiet: bool = False) -> dict[str, Any]:
     lease = Lease(store, run_id, spec.io.lease_ttl_s)
     lease.acquire(lambda holder, generation: choose_epoch(store, holder, generation, meta, spec.run.overwrite))
     try:
-        manifest = _run_epoch(spec, pipeline, store, lease, fs, files, meta, quiet)
+        manifest = _run_epoch(spec, pipeline, store, lease, fs, files, meta, quiet, started)
     except StaleRun as exc:
         raise RunFailed(str(exc)) from None
     finally:
         lease.release()
-    manifest.update(wall_seconds=round(time.time() - started, 3), run_id=run_id)
-    manifest["tokens_per_s"] = round(manifest.pop("run_tokens") / max(manifest["wall_seconds"], 1e-9), 2)
     if not quiet:
         print_summary(manifest)
     return manifest
@@ -214,6 +212,7 @@ def _run_epoch(
     files: list[Split],
     meta: dict[str, Any],
     quiet: bool,
+    started: float,
 ) -> dict[str, Any]:
     """Everything a run does while it holds the lease: plan, run what is not committed, finish."""
     epoch_meta = store.read_epoch(lease.epoch)
@@ -235,6 +234,8 @@ def _run_epoch(
     planned = {u.uid: records[u.uid] for u in units}
     manifest["units_dropped"] = len(records) - len(planned)
     manifest.update(_finish_output(store, lease, planned))
+    manifest.update(wall_seconds=round(time.time() - started, 3), run_id=lease.run_id)
+    manifest["tokens_per_s"] = round(manifest.pop("run_tokens") / max(manifest["wall_seconds"], 1e-9), 2)
     store.finish(manifest, lease.check)
     lease.check()  # a takeover while the output was being finished shows here: the run fails
     return manifest
