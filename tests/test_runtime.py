@@ -102,7 +102,8 @@ def _start(cluster, args: list[str]) -> subprocess.Popen:
     )
 
 
-@pytest.mark.parametrize("victim", ["-agent-score-", "-driver-"])
+# score and question share a chain (one actor): killing it loses rows in both roles at once
+@pytest.mark.parametrize("victim", ["-agent-score+question-", "-driver-"])
 def test_killing_an_actor_mid_run_loses_and_doubles_nothing(ray_cluster, tmp_path: Path, victim: str) -> None:
     """An agent's rows are found by the audit and delivered again; a driver's units are redone."""
     for i in range(4):
