@@ -1,9 +1,9 @@
 """A discrete-event model of the runtime and both baselines, to see past this 2-core machine.
 
 Three parts, each as simple as the question allows:
-- replicas: the simulator's vLLM-like engine (`StepModel`: a decode step takes a + b*batch +
-  c*sum(context), admitted prompts add prefill, a KV budget bounds the batch), advanced from event
-  to event rather than step by step, so 256 replicas stay cheap to simulate;
+- replicas: the simulator's own engine (`matrix_provider.llm.sim_gpu.Scheduler`: step time =
+  max(memory, compute), chunked prefill, KV paging with preemption), stepped in simulated time, so
+  the model's backend is the benchmark's, rule for rule;
 - CPU: single-threaded processes (a controller, an agent, a driver, a Ray Data actor, the simulator)
   sharing a machine's cores (processor sharing; the cores other engineers' processes took during
   the measured run are taken off);
@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from matrix_provider.llm.sim import STEP_MODELS, StepModel
+from matrix_provider.llm.sim_gpu import GPU_MODELS, GpuModel, Scheduler, Seq
 
 
 class Loop:
@@ -123,77 +123,37 @@ class Process:
 
 
 class Replica:
-    """The vLLM-like engine, advanced between events: all running sequences gain a token per step,
-    so a sequence finishes at a known step count; a step's time is taken at the last event."""
+    """The simulator's engine, one step an event: a step's end is scheduled when it starts."""
 
-    def __init__(self, loop: Loop, steps: StepModel, slots: int, prefill_s: float):
-        self.loop, self.steps, self.slots, self.prefill_s = loop, steps, slots, prefill_s
-        self.waiting: deque[tuple[int, int, Callable[[], None]]] = deque()
-        self.finishing: list[tuple[float, int, int, int, float, Callable[[], None]]] = []  # by finish step
-        self.g = 0.0  # steps done so far
-        self.settled = 0.0  # when `g` was last brought up to date
-        self.hold = 0.0  # prefill in progress until then
-        self.prompt_sum = self.kv = 0
-        self.admitted_at_sum = 0.0
+    def __init__(self, loop: Loop, gpu: GpuModel, slots: int):
+        self.loop = loop
+        self.scheduler = Scheduler(gpu, slots)
+        self.stepping = False
         self.busy_slot_s = 0.0
         self.completion_tokens = 0
         self.calls = 0
-        self.version = 0
-        self._ids = itertools.count()
-
-    def _step_s(self) -> float:
-        n = len(self.finishing)
-        return self.steps.step_s(n, round(self.prompt_sum + n * self.g - self.admitted_at_sum))
-
-    def _settle(self) -> None:
-        now, start = self.loop.now, max(self.settled, self.hold)
-        if self.finishing and now > start:
-            self.g += (now - start) / self._step_s()
-        if self.finishing:  # prefill counts as busy, as in the simulator (its time is part of a step's)
-            self.busy_slot_s += len(self.finishing) * (now - self.settled)
-        self.settled = now
 
     def submit(self, prompt: int, output: int, then: Callable[[], None]) -> None:
-        self._settle()
-        self.waiting.append((prompt, output, then))
-        self._admit()
-        self._schedule()
+        self.scheduler.add(Seq(prompt, output, ticket=then))
+        if not self.stepping:
+            self.stepping = True
+            self._step()
 
-    def _admit(self) -> None:
-        while self.waiting and len(self.finishing) < self.slots:
-            prompt, output, then = self.waiting[0]
-            if self.finishing and self.kv + prompt + output > self.steps.kv_tokens:
-                return
-            self.waiting.popleft()
-            heapq.heappush(self.finishing, (self.g + output, next(self._ids), prompt, output, self.g, then))
-            self.prompt_sum += prompt
-            self.admitted_at_sum += self.g
-            self.kv += prompt + output
-            self.hold = max(self.hold, self.loop.now) + self.prefill_s * prompt
-
-    def _schedule(self) -> None:
-        self.version += 1
-        if self.finishing:
-            left = max(0.0, self.finishing[0][0] - self.g)
-            self.loop.at(max(self.loop.now, self.hold) + left * self._step_s(), self._finish, self.version)
-
-    def _finish(self, version: int) -> None:
-        if version != self.version:
+    def _step(self) -> None:
+        seconds, finished = self.scheduler.step()
+        if not seconds:
+            self.stepping = False
             return
-        self._settle()
-        done = []
-        while self.finishing and self.finishing[0][0] <= self.g + 1e-6:
-            _, _, prompt, output, admitted_at, then = heapq.heappop(self.finishing)
-            self.prompt_sum -= prompt
-            self.admitted_at_sum -= admitted_at
-            self.kv -= prompt + output
-            self.completion_tokens += output
+        self.loop.at(self.loop.now + seconds, self._stepped, seconds, finished)
+
+    def _stepped(self, seconds: float, finished: list[Seq]) -> None:
+        self.busy_slot_s += seconds * (len(self.scheduler.running) + len(finished))
+        for seq in finished:
+            self.completion_tokens += seq.output
             self.calls += 1
-            done.append(then)
-        self._admit()
-        self._schedule()
-        for then in done:
-            then()
+        self._step()
+        for seq in finished:
+            seq.ticket()
 
 
 @dataclass(frozen=True)
@@ -238,12 +198,11 @@ class Setup:
     nodes: int = 1
     gpus_per_node: int = 1
     slots: int = 64
-    prefill_s: float = 5e-6
     cores: float | None = 2.0  # per machine (less what others' processes take); None: a core per process
     batch: int = 16  # Ray Data
     agents_per_role: int = 1  # p2p, per node
     drivers_per_node: int = 1  # p2p partitions
-    engine: StepModel = STEP_MODELS["vllm-like"]
+    engine: GpuModel = GPU_MODELS["vllm-like"]
     seed: int = 0
 
 
@@ -255,8 +214,7 @@ class Model:
         self.loop = Loop()
         self.rng = random.Random(setup.seed)
         self.replicas = [
-            Replica(self.loop, setup.engine, setup.slots, setup.prefill_s)
-            for _ in range(setup.nodes * setup.gpus_per_node)
+            Replica(self.loop, setup.engine, setup.slots) for _ in range(setup.nodes * setup.gpus_per_node)
         ]
         # Every node a machine; the controllers and the simulator live on the first one.
         self.cpus = [Cpu(self.loop, setup.cores) for _ in range(setup.nodes)]
@@ -371,13 +329,9 @@ class Model:
         else:
             self._rows()
         self.loop.run(warm_s)
-        for r in self.replicas:
-            r._settle()
         before = [(r.busy_slot_s, r.completion_tokens, r.calls) for r in self.replicas]
         ctrl = sum(p.busy_s for p in self.controllers)
         self.loop.run(warm_s + measure_s)
-        for r in self.replicas:
-            r._settle()
         busy = sum(r.busy_slot_s - b for r, (b, _, _) in zip(self.replicas, before, strict=True))
         tokens = sum(r.completion_tokens - t for r, (_, t, _) in zip(self.replicas, before, strict=True))
         calls = sum(r.calls - n for r, (_, _, n) in zip(self.replicas, before, strict=True))
@@ -393,7 +347,18 @@ class Model:
 _OTHER = ("ray_system", "ray_idle", "bench_process")  # "sampler" (the benchmark's own sampling) is left out
 _CONTROLLER = {"central": "bench_process", "p2p": "agents", "ray_data": "ray_data", "ray_data_fused": "ray_data"}
 # The controller-bound simulator: a fixed 1 ms a token, never full (4,096 slots).
-_UNBOUND = StepModel(a=0.001, b=0.0, c=0.0, kv_tokens=1 << 40)
+_UNBOUND = GpuModel(
+    weight_bytes=1.0,
+    kv_bytes_per_token=0.0,
+    hbm_bytes_per_s=1000.0,
+    flops_per_token=0.0,
+    flops_per_s=1.0,
+    step_overhead_s=0.0,
+    seq_overhead_s=0.0,
+    kv_tokens=1 << 40,
+    max_seqs=4096,
+    max_batched_tokens=1 << 30,
+)
 
 
 def costs(cpu_ms: dict[str, float], controller: str, hop_s: float = 0.0) -> Costs:
@@ -448,7 +413,6 @@ def calibrate(results: dict[str, Any], hop_s: float) -> dict[str, Any]:
                 shape_of(fig, (1.0,) * 4),
                 costs(fig["cpu_ms_per_call"], controller, hop_s if runner == "p2p" else 0.0),
                 slots=4096,
-                prefill_s=0.0,
                 engine=_UNBOUND,
                 cores=2.0 - fig["foreign_cores"],
             )
