@@ -99,7 +99,7 @@ def _write(path: Path, rows: int, steps: int) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     with (path / "rows.jsonl").open("w") as out:
         for i in range(rows):
-            out.write(json.dumps({"id": f"r{i}", "steps": steps}) + "\n")
+            out.write(json.dumps({"id": f"r{i}", "text": "", "steps": steps}) + "\n")
     return path
 
 

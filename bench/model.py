@@ -201,6 +201,7 @@ class Setup:
     cores: float | None = 2.0  # per machine (less what others' processes take); None: a core per process
     batch: int = 16  # Ray Data
     agents_per_role: int = 1  # p2p, per node
+    chained: bool = True  # p2p: every role of a row in one agent process (runtime/chains.py)
     drivers_per_node: int = 1  # p2p partitions
     engine: GpuModel = GPU_MODELS["vllm-like"]
     seed: int = 0
@@ -255,7 +256,7 @@ class Model:
             if k == steps:
                 done()
             elif p2p:
-                role = self.agents[node * len(self.s.shape.continue_p) + k]
+                role = self.agents[node * len(self.s.shape.continue_p) + (0 if self.s.chained else k)]
                 agent = role[local % len(role)]
                 driver = self.drivers[node][local % len(self.drivers[node])]
                 self._call(agent, lambda: self.loop.at(self.loop.now + self.s.costs.hop_s, step, k + 1), driver)
@@ -345,7 +346,14 @@ class Model:
 
 # -- calibration and extrapolation -------------------------------------------------------------------
 _OTHER = ("ray_system", "ray_idle", "bench_process")  # "sampler" (the benchmark's own sampling) is left out
-_CONTROLLER = {"central": "bench_process", "p2p": "agents", "ray_data": "ray_data", "ray_data_fused": "ray_data"}
+# The process kind that does a runner's step work (bench/sampling.py); ray_data_llm is not modelled.
+_CONTROLLER = {
+    "central": "runner",
+    "sharded_central": "central_shard",
+    "p2p": "agents",
+    "ray_data": "ray_data",
+    "ray_data_fused": "ray_data",
+}
 # The controller-bound simulator: a fixed 1 ms a token, never full (4,096 slots).
 _UNBOUND = GpuModel(
     weight_bytes=1.0,
@@ -382,48 +390,64 @@ def _error(model: float, measured: float) -> float | None:
 
 
 def calibrate(results: dict[str, Any], hop_s: float) -> dict[str, Any]:
-    """The model at the measured 2-core points: steady busy share at equal rows in flight, and
-    calls/s controller-bound; error = model / measured - 1 (the target is within +-10 %)."""
-    out: dict[str, Any] = {}
+    """Calibrate on one configuration, predict the others. Each runner's costs (CPU per call by
+    process kind, tokens per call) come from its runs at its best configuration; the model then
+    predicts the steady busy share at every other configuration of its sweep (rows in flight, batch
+    size), which it was not calibrated on. Controller-bound: costs at the largest w, predicted calls/s
+    at the others (the step's CPU shifted by the difference in w). error = model / measured - 1."""
+    out: dict[str, Any] = {"calibrated_on": {}, "held_out": {}}
     nr = results.get("natural_reasoning")
-    if nr:
-        n = nr["rows_in_flight"]
-        for runner, fig in nr["runners"].items():
+    for runner, fig in (nr or {}).get("runners", {}).items():
+        if runner not in _CONTROLLER:
+            continue
+        best = nr["best_config"][runner]
+        c = costs(fig["cpu_ms_per_call"], _CONTROLLER[runner], hop_s if runner == "p2p" else 0.0)
+        for key, point in nr["sweep"][runner].items():
             setup = Setup(
                 runner,
-                n,
+                point["rows_in_flight"],
                 shape_of(fig, NATURAL_REASONING_P),
-                costs(fig["cpu_ms_per_call"], _CONTROLLER[runner], hop_s if runner == "p2p" else 0.0),
+                c,
                 cores=2.0 - fig["foreign_cores"],
+                batch=point["batch_size"] or 16,
             )
-            got = Model(setup).run(warm_s=10, measure_s=30)
-            out[f"steady_utilization/{runner}"] = {
-                "model": got["utilization"],
-                "measured": fig["steady_utilization"],
-                "error": _error(got["utilization"], fig["steady_utilization"]),
+            got = Model(setup).run(warm_s=10, measure_s=30)["utilization"]
+            same = (point["rows_in_flight"], point["batch_size"]) == (best["rows_in_flight"], best["batch_size"])
+            bucket = out["calibrated_on" if same else "held_out"]
+            bucket[f"steady_utilization/{runner}@{key}"] = {
+                "model": got,
+                "measured": point["steady_utilization"],
+                "error": _error(got, point["steady_utilization"]),
             }
     cb = results.get("controller")
     if cb:
-        w = max(cb["by_w"], key=float)
-        for runner, fig in cb["by_w"][w].items():
-            controller = {"p2p": "agents"}.get(runner, "central_shard")
-            setup = Setup(
-                runner,
-                cb["rows_in_flight"],
-                shape_of(fig, (1.0,) * 4),
-                costs(fig["cpu_ms_per_call"], controller, hop_s if runner == "p2p" else 0.0),
-                slots=4096,
-                engine=_UNBOUND,
-                cores=2.0 - fig["foreign_cores"],
-            )
-            if runner == "p2p":
-                setup.shape = Shape((1.0, 1.0), setup.shape.prompt, setup.shape.output_mean)  # two roles
-            got = Model(setup).run(warm_s=3, measure_s=10)
-            out[f"controller_calls_per_s/{runner}@w={w}ms"] = {
-                "model": got["calls_per_s"],
-                "measured": fig["calls_per_s"],
-                "error": _error(got["calls_per_s"], fig["calls_per_s"]),
-            }
+        w_cal = max(cb["by_w"], key=float)
+        for runner, fig in cb["by_w"][w_cal].items():
+            kind = "agents" if runner == "p2p" else "central_shard"  # both centrals run in spawned processes there
+            c = costs(fig["cpu_ms_per_call"], kind, hop_s if runner == "p2p" else 0.0)
+            for w, figs in cb["by_w"].items():
+                shifted = replace(c, controller_s=max(0.0, c.controller_s + (float(w) - float(w_cal)) / 1000))
+                setup = Setup(
+                    runner,
+                    cb["rows_in_flight"],
+                    shape_of(figs[runner], (1.0,) * 4),
+                    shifted,
+                    slots=4096,
+                    engine=_UNBOUND,
+                    cores=2.0 - figs[runner]["foreign_cores"],
+                )
+                if runner == "p2p":  # two roles, chained: two agents (replicas), two drivers
+                    setup.shape = Shape((1.0, 1.0), setup.shape.prompt, setup.shape.output_mean)
+                    setup.agents_per_role = setup.drivers_per_node = 2
+                got = Model(setup).run(warm_s=3, measure_s=10)["calls_per_s"]
+                bucket = out["calibrated_on" if w == w_cal else "held_out"]
+                bucket[f"controller_calls_per_s/{runner}@w={w}ms"] = {
+                    "model": got,
+                    "measured": figs[runner]["calls_per_s"],
+                    "error": _error(got, figs[runner]["calls_per_s"]),
+                }
+    errors = [abs(e["error"]) for e in out["held_out"].values() if e["error"] is not None]
+    out["max_held_out_error"] = max(errors) if errors else None
     return out
 
 
@@ -436,11 +460,11 @@ def extrapolate(results: dict[str, Any], hop_s: float) -> dict[str, Any]:
     w = 0 and at the largest w) against p2p (an agent per role and a partition driver per GPU)."""
     nr = results["natural_reasoning"]["runners"]
     shape = shape_of(nr["central"], NATURAL_REASONING_P)
-    central_costs = {"w=0": costs(nr["central"]["cpu_ms_per_call"], "bench_process")}
+    central_costs = {"w=0": costs(nr["central"]["cpu_ms_per_call"], _CONTROLLER["central"])}
     cb = results.get("controller")
     if cb:
         w = max(cb["by_w"], key=float)
-        central_costs[f"w={w}ms"] = costs(cb["by_w"][w]["central"]["cpu_ms_per_call"], "central_shard")
+        central_costs[f"w={w}ms"] = costs(cb["by_w"][w]["central"]["cpu_ms_per_call"], _CONTROLLER["sharded_central"])
     # GPU replicas have CPUs of their own, and nothing else on the machine is ours to count: only
     # the controller's, agents' and drivers' CPU is kept.
     central_costs = {k: replace(c, simulator_s=0.0, other_s=0.0) for k, c in central_costs.items()}
@@ -505,7 +529,9 @@ def extrapolate(results: dict[str, Any], hop_s: float) -> dict[str, Any]:
 def evaluate(results: dict[str, Any]) -> dict[str, Any]:
     """Calibration at the measured points and the 32-node extrapolation, from a run's results."""
     hop = results.get("hop", {}).get("p2p_overhead_per_step_ms")
-    hop_s = (hop if hop is not None else 2.0) / 1000  # 2 ms: Ray's actor-call latency, if this run has no hop
+    # Without the latency section: the outbox's 5 ms linger, which a row's hops between actors wait
+    # for company (a hop between chained roles waits for nothing).
+    hop_s = (hop if hop is not None else 5.0) / 1000
     out: dict[str, Any] = {"hop_s": hop_s, "calibration": calibrate(results, hop_s)}
     if "natural_reasoning" in results:
         out["extrapolation"] = extrapolate(results, hop_s)
