@@ -1,19 +1,19 @@
 """What a hop costs in CPU: between two agent actors, and between two chained roles of one agent.
 
-    python bench/hops.py [--rows N] [--in-flight N]
+    python bench/hops.py [--rows N]
 
-A row of the `hops` pipeline visits `params.steps` roles that do nothing, one after the other, so a
-run's CPU beyond its fixed costs is hops. Each mode runs the pipeline twice, with 5 steps a row and
-with 1, over the same rows and actors (5 roles, 1 replica each: cut into 5 actors, `actor`, or
-chained into one, `chained`), and
+Five roles that do nothing (`s0` -> ... -> `s4`), as real agent actors: cut into five actors
+(`actor`) or chained into one (`chained`), with a stand-in driver actor that counts the reports.
+`rows` messages are put on `s0` at once, so hops coalesce as they would under load, once with 5
+steps a row and once with 1, and
 
     hop CPU = (CPU at 5 steps - CPU at 1 step) / (4 x rows),
 
-where CPU is every thread of this process and its descendants (the drivers', agents' and Ray's own
-processes, core-worker threads included), less what they burn idle in that time (measured first,
-with no rows). Rows, reading, admission and writing cost the same in both runs and cancel; so does
-the job's supervision, per second, in the idle part. Per-thread CPU of the agents (from
-/proc/<pid>/task) shows where a hop's time goes.
+where CPU is every thread of the agents' and the driver's processes (Ray's core-worker threads
+included) from the first put to the last report, less what the same processes burn idle over as
+long (measured on them, alive and idle, just before). A hop so counted includes the step's own
+bookkeeping (deadline check, metrics, routing), which chained roles pay too. Per-thread CPU of the
+agents (from /proc/<pid>/task) shows where a hop's time goes.
 """
 
 from __future__ import annotations
@@ -23,21 +23,27 @@ import collections
 import json
 import os
 import sys
-import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pyarrow as pa
+import ray
 
+from matrix_provider.runtime import names
+from matrix_provider.runtime.agents import Agent
+from matrix_provider.runtime.chains import plan_chains
 from matrix_provider.runtime.orchestrator import OK, Orchestrator
-from matrix_provider.runtime.pipeline import Pipeline
+from matrix_provider.runtime.pipeline import Pipeline, load_pipeline
 from matrix_provider.runtime.roles import Role
+from matrix_provider.runtime.spec import PipelineSpec, compose
 
 BENCH = Path(__file__).resolve().parent
 ROLES = tuple(f"s{i}" for i in range(5))
 _TICK = os.sysconf("SC_CLK_TCK")
+_IDLE_S = 3.0
 
 
 class Nothing(Role):
@@ -65,105 +71,137 @@ PIPELINE = Pipeline(
 )
 
 
-def process_cpu_s() -> float:
-    """CPU seconds of this process and its descendants, every thread."""
-    me = psutil.Process()
-    total = 0.0
-    for proc in [me, *me.children(recursive=True)]:
-        try:
-            times = proc.cpu_times()
-        except psutil.Error:
-            continue
-        total += times.user + times.system
-    return total
+@ray.remote(num_cpus=0)
+class Reports:
+    """Stands in for the rows' partition driver: counts what agents report."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    async def reports(self, items: list[Any]) -> None:
+        self.count += len(items)
+
+    async def seen(self) -> int:
+        return self.count
+
+    def pid(self) -> int:
+        return os.getpid()
 
 
-def agent_threads() -> collections.Counter[str]:
-    """CPU seconds of the agents' threads by thread name (Ray's core-worker threads among them)."""
+def _threads(pids: list[int]) -> collections.Counter[str]:
+    """CPU seconds by thread name over the processes `pids`, every thread."""
     out: collections.Counter[str] = collections.Counter()
-    for proc in psutil.Process().children(recursive=True):
-        try:
-            if "ray::Agent" not in " ".join(proc.cmdline()):
-                continue
-            for task in Path(f"/proc/{proc.pid}/task").iterdir():
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
                 stat = (task / "stat").read_text()
-                name = stat[stat.index("(") + 1 : stat.rindex(")")]
-                fields = stat[stat.rindex(")") + 2 :].split()
-                out[name] += (int(fields[11]) + int(fields[12])) / _TICK
-        except (psutil.Error, OSError):
-            continue
+            except OSError:  # a thread that just ended
+                continue
+            fields = stat[stat.rindex(")") + 2 :].split()
+            out[stat[stat.index("(") + 1 : stat.rindex(")")]] += (int(fields[11]) + int(fields[12])) / _TICK
     return out
 
 
-def _write(path: Path, rows: int, steps: int) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    with (path / "rows.jsonl").open("w") as out:
-        for i in range(rows):
-            out.write(json.dumps({"id": f"r{i}", "text": "", "steps": steps}) + "\n")
-    return path
+def _agent_pids(before: set[int]) -> list[int]:
+    """The agent processes started since `before`, among this process's descendants (our local Ray)."""
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if proc.pid not in before and "ray::Agent" in " ".join(proc.cmdline()):
+                found.append(proc.pid)
+        except psutil.Error:
+            continue
+    return found
 
 
-def _run(work: Path, steps: int, rows: int, in_flight: int, chained: bool) -> tuple[float, float, collections.Counter]:
-    from matrix_provider.runtime import job
-    from matrix_provider.runtime.spec import compose
-
-    overrides = ["llm=sim", "io.part_rows=100000"]
-    overrides += [f"roles.{r}.max_concurrency={in_flight}" for r in ROLES]
+def _spec(chained: bool) -> PipelineSpec:
+    overrides = ["llm=sim", *(f"roles.{r}.max_concurrency=4096" for r in ROLES)]
     if not chained:
         overrides += [f"roles.{r}.chain=false" for r in ROLES]
-    run = {
-        "input": str(_write(work / f"in-{steps}", rows, steps)),
-        "output": str(work / f"out-{steps}-{chained}"),
-        "concurrency": in_flight,
-        "overwrite": True,
-    }
-    spec = compose(str(BENCH / "hops.yaml"), overrides, run)
-    threads0, cpu0, t0 = agent_threads(), process_cpu_s(), time.monotonic()
-    manifest = job.run(spec, quiet=True)
-    assert manifest["rows_ok"] == rows, manifest
-    return process_cpu_s() - cpu0, time.monotonic() - t0, agent_threads() - threads0
+    return compose(str(BENCH / "hops.yaml"), overrides, {"input": "-", "output": "-"})
 
 
-def idle_cores(seconds: float = 3.0) -> float:
-    """Cores this process and its descendants use with nothing to do (Ray's own processes)."""
-    cpu0, t0 = process_cpu_s(), time.monotonic()
-    time.sleep(seconds)
-    return (process_cpu_s() - cpu0) / (time.monotonic() - t0)
+def _pump(first: Any, sink: Any, spec: PipelineSpec, rows: int, steps: int, start: int) -> None:
+    """Put `rows` messages on `s0`, 64 a call, and wait until every one was reported."""
+    pipeline = load_pipeline(spec.pipeline)
+    wire = []
+    for i in range(start, start + rows):
+        msg = pipeline.orchestrator(
+            id=f"r{i}", partition=0, delivery=1, deadline=time.time() + 3600, row={"steps": steps}, key=f"u/{i}"
+        )
+        msg.next_role = "s0"
+        msg.offload(spec.orchestrator.offload_bytes)
+        wire.append(msg.wire())
+    target = ray.get(sink.seen.remote()) + rows
+    ray.get([first.enqueue_many.remote(wire[k : k + 64]) for k in range(0, rows, 64)])
+    while ray.get(sink.seen.remote()) < target:
+        time.sleep(0.02)
 
 
-def measure(work: Path, rows: int = 4000, in_flight: int = 256) -> dict[str, Any]:
-    """hop CPU in ms for `actor` and `chained`, with the runs' figures."""
-    out: dict[str, Any] = {"rows": rows, "rows_in_flight": in_flight, "hop_cpu_ms": {}, "runs": {}}
-    for mode in ("actor", "chained"):
-        idle = idle_cores()
-        runs = {steps: _run(work, steps, rows, in_flight, mode == "chained") for steps in (5, 1)}
-        (cpu5, wall5, threads5), (cpu1, wall1, threads1) = runs[5], runs[1]
-        hops_cpu = (cpu5 - idle * wall5) - (cpu1 - idle * wall1)
-        out["hop_cpu_ms"][mode] = round(1000 * hops_cpu / (4 * rows), 4)
-        by_thread = threads5 - threads1
-        out["runs"][mode] = {
-            "idle_cores": round(idle, 3),
-            "cpu_s": {"5": round(cpu5, 2), "1": round(cpu1, 2)},
-            "wall_s": {"5": round(wall5, 2), "1": round(wall1, 2)},
-            "agent_thread_cpu_ms_per_hop": {
-                name: round(1000 * s / (4 * rows), 4) for name, s in by_thread.most_common(6) if s > 0
-            },
+def measure_mode(chained: bool, rows: int) -> dict[str, Any]:
+    """hop CPU of one mode (see the module's docstring) with its figures."""
+    spec = _spec(chained)
+    run_id = uuid.uuid4().hex[:8]
+    env = {"env_vars": {"PYTHONPATH": str(BENCH.parent)}}
+    sink = Reports.options(name=names.driver_name(run_id, 0), namespace=names.NAMESPACE).remote()
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    chains = plan_chains(spec, load_pipeline(spec.pipeline))
+    agents = [
+        Agent.options(
+            name=names.agent_name(run_id, c.name, 0),
+            namespace=names.NAMESPACE,
+            runtime_env=env,
+            max_concurrency=100_000,
+        ).remote(run_id, c.roles, spec.model_dump_json(), None)
+        for c in chains
+    ]
+    try:
+        ray.get([a.incarnation.remote() for a in agents], timeout=600)
+        pids = [*_agent_pids(before), ray.get(sink.pid.remote())]
+        _pump(agents[0], sink, spec, 64, 5, -64)  # warm: imports on the first message's path
+        idle0, t0 = _threads(pids), time.monotonic()
+        time.sleep(_IDLE_S)
+        idle = sum((_threads(pids) - idle0).values()) / (time.monotonic() - t0)
+        cpu, wall, threads = {}, {}, {}
+        for steps in (5, 1):
+            c0, t0 = _threads(pids), time.monotonic()
+            _pump(agents[0], sink, spec, rows, steps, steps * rows)
+            threads[steps] = _threads(pids) - c0
+            wall[steps] = time.monotonic() - t0
+            cpu[steps] = sum(threads[steps].values()) - idle * wall[steps]
+        hop = (cpu[5] - cpu[1]) / (4 * rows)
+        by_thread = threads[5] - threads[1]
+        return {
+            "hop_cpu_ms": round(1000 * hop, 4),
+            "processes": len(pids),
+            "idle_cores": round(idle, 4),
+            "cpu_s": {str(k): round(v, 3) for k, v in cpu.items()},
+            "wall_s": {str(k): round(v, 2) for k, v in wall.items()},
+            "thread_cpu_ms_per_hop": {k: round(1000 * v / (4 * rows), 4) for k, v in by_thread.most_common(5) if v > 0},
         }
-        print(f"  hop/{mode}: {out['hop_cpu_ms'][mode]} ms CPU a hop ({json.dumps(out['runs'][mode])})", flush=True)
+    finally:
+        for actor in (*agents, sink):
+            ray.kill(actor)
+
+
+def measure(rows: int = 4000) -> dict[str, Any]:
+    """`hop_cpu_ms` {"actor", "chained"} and each mode's figures."""
+    out: dict[str, Any] = {"rows": rows, "hop_cpu_ms": {}, "modes": {}}
+    for mode in ("actor", "chained"):
+        fig = measure_mode(mode == "chained", rows)
+        out["hop_cpu_ms"][mode] = fig["hop_cpu_ms"]
+        out["modes"][mode] = fig
+        print(f"  hop/{mode}: {fig['hop_cpu_ms']} ms CPU a hop {json.dumps(fig)}", flush=True)
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=4000)
-    parser.add_argument("--in-flight", type=int, default=256)
     args = parser.parse_args()
-    import ray
-
-    root = str(BENCH.parent)
-    ray.init(address="local", include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": root}})
+    ray.init(address="local", include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(BENCH.parent)}})
     try:
-        print(json.dumps(measure(Path(tempfile.mkdtemp(prefix="matrix-hops-")), args.rows, args.in_flight), indent=2))
+        print(json.dumps(measure(args.rows), indent=2))
     finally:
         ray.shutdown()
 

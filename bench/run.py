@@ -58,7 +58,7 @@ sys.path.insert(0, str(ROOT))
 from bench import cold, filter_bench, hops, model, runners, workload  # noqa: E402
 from bench.plot import plot  # noqa: E402
 from bench.sampling import Sampler  # noqa: E402
-from bench.workload import CONTROLLER_BOUND, CORAL, NATURAL_REASONING, Workload  # noqa: E402
+from bench.workload import CONTROLLER_BOUND, CORAL, IN_PROCESS_MODEL, NATURAL_REASONING, Workload  # noqa: E402
 from matrix_provider.llm.backends import client_config, deploy  # noqa: E402
 from matrix_provider.llm.sim_server import deploy_sim  # noqa: E402
 from matrix_provider.runtime.job import backend_app_suffix, run_backend  # noqa: E402
@@ -68,6 +68,8 @@ from matrix_provider.runtime.spec import compose  # noqa: E402
 RESULTS = ROOT / "bench" / "results"
 RUNNERS = ("p2p", "central", "sharded_central", "ray_data", "ray_data_fused", "ray_data_llm")
 RAY_DATA = ("ray_data", "ray_data_fused", "ray_data_llm")
+# The processes a runner brings (bench/sampling.py kinds): Ray's own, the simulator and this one are shared.
+OWN_KINDS = ("agents", "drivers", "runner", "central_shard")
 PROBES = {"p2p": 1}  # requests a runner sends before its first row's: p2p checks the backend once
 BUSY = 0.9  # the steady busy share a runner must keep the backend at
 CB_IN_FLIGHT = 128  # rows in flight in the controller-bound section
@@ -81,6 +83,7 @@ QUICK = {
     "ladder": [128, 256],
     "batches": [16, 64],
     "hop_rows": 2000,
+    "model_rows": 120,
     "coral_rows": 0,
     "controller_w_ms": [8.0],
     "controller_rows": 400,
@@ -96,6 +99,7 @@ FULL = {
     "ladder": [64, 128, 256, 512],
     "batches": [8, 16, 32, 64],
     "hop_rows": 6000,
+    "model_rows": 400,
     "coral_rows": 150,
     "controller_w_ms": [0.0, 0.5, 1.0, 2.0, 4.0, 8.0],
     "controller_rows": 600,
@@ -313,6 +317,35 @@ class Bench:
             out["by_w"][f"{w:g}"] = {name: controller_figures(got) for name, got in runs.items()}
         return out
 
+    def in_process_model(self, rows_n: int, reps: int) -> dict[str, Any]:
+        """bench/in_process_model.py (LLM -> in-process embedding model -> LLM) through p2p (the model in
+        one actor) and the central controller sharded over a process a core (the model in each), `reps`
+        cold runs each in random order: rows/s over the whole run and the peak PSS of the runner's own
+        processes (by kind, summed; Ray's own, the simulator and this process left out)."""
+        overrides, config, sim = self.backend(IN_PROCESS_MODEL, output_mean=24)
+        corpus = self.corpus(rows_n)
+        n = 64
+        common = {"workload": IN_PROCESS_MODEL, "corpus": corpus, "sim_overrides": overrides}
+        make = {
+            "p2p": lambda: self.cold("p2p", **common, out=self.work / "out-ipm", partitions=1, concurrency=n),
+            "sharded_central": lambda: self.cold("central_processes", **common, config=config, concurrency=n),
+        }
+        order = [name for name in make for _ in range(reps)]
+        random.Random(7).shuffle(order)
+        got: dict[str, list[dict[str, Any]]] = {name: [] for name in make}
+        for i, name in enumerate(order):
+            fig = self.measure(f"in_process_model/{name}#{i}", sim, 1, make[name](), n / rows_n, PROBES.get(name, 0))
+            got[name].append(fig)
+        out: dict[str, Any] = {"rows": rows_n, "rows_in_flight": n, "order": order}
+        for name, figs in got.items():
+            rates = [f["rows"] / f["wall_s"] for f in figs]
+            pss = [sum(f["peak_pss_mb_by_kind"].get(k, 0.0) for k in OWN_KINDS) for f in figs]
+            out[f"{name}_rows_per_s"] = round(statistics.median(rates), 2)
+            out[f"{name}_rows_per_s_range"] = [round(min(rates), 2), round(max(rates), 2)]
+            out[f"{name}_pss_mb"] = round(statistics.median(pss), 1)
+            out[f"{name}_pss_mb_by_kind"] = figs[0]["peak_pss_mb_by_kind"]
+        return out
+
     def controller_runner(
         self, name: str, corpus: Path, out: Path, overrides: list[str], config: Any
     ) -> Callable[[], tuple[runners.Rows, float]]:
@@ -399,7 +432,7 @@ class Bench:
 
     def hop_cpu(self, rows_n: int) -> dict[str, Any]:
         """CPU per hop, between agent actors and between chained roles (bench/hops.py)."""
-        return hops.measure(self.work / "hops", rows_n)
+        return hops.measure(rows_n)
 
     def latency(self, rows_n: int) -> dict[str, Any]:
         """Instant simulator, one row at a time: what p2p adds to each step over a function call."""
@@ -557,20 +590,20 @@ def print_table(res: dict[str, Any]) -> None:
 
 
 SECTIONS = (
-    *("compare", "controller", "hop", "model", "filter"),  # the quick run's
+    *("compare", "controller", "hop", "in_process_model", "model", "filter"),  # the quick run's
     *("units", "in_flight", "partitions", "offload", "scaling", "latency"),
 )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smaller, the first five sections only: under 8 minutes")
+    parser.add_argument("--quick", action="store_true", help="smaller, the first six sections only: under 8 minutes")
     parser.add_argument("--out", type=Path, help="write the figures here (default bench/results/<timestamp>.json)")
     parser.add_argument("--skip-embedded", action="store_true", help="leave out the real-model quality run")
     parser.add_argument("--sections", help="comma-separated sections to run (default: all of the mode's)")
     args = parser.parse_args()
     size = QUICK if args.quick else FULL
-    chosen = set(args.sections.split(",")) if args.sections else set(SECTIONS[:5] if args.quick else SECTIONS)
+    chosen = set(args.sections.split(",")) if args.sections else set(SECTIONS[:6] if args.quick else SECTIONS)
     ray.init(
         address="local",
         include_dashboard=False,
@@ -610,6 +643,9 @@ def main() -> None:
         w = max(size["controller_w_ms"])
         at = res["controller"]["by_w"][f"{w:g}"]
         res["controller_bound"] = {"w_ms": w, **{f"{k}_calls_per_s": v["calls_per_s"] for k, v in at.items()}}
+    if "in_process_model" in chosen:
+        res["in_process_model"] = bench.in_process_model(size["model_rows"], size["reps"])
+        print(f"  in_process_model: {json.dumps(res['in_process_model'])}")
     if "filter" in chosen:
         res["filter"] = filter_bench.section(bench.work, size["filter_docs"], size["filter_reps"])
         res["filter_docs_per_s"] = {k: v["docs_per_s"] for k, v in res["filter"]["runners"].items()}
