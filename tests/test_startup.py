@@ -126,6 +126,7 @@ def test_an_agent_that_cannot_start_fails_the_run_with_its_cause(ray_cluster, tm
         timeout=180,
     )
     assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "agent broken-0 could not start" in result.stderr, result.stderr[-2000:]
+    # first and broken share a chain (one actor): its constructor raised in `broken`
+    assert "agent first+broken-0 could not start" in result.stderr, result.stderr[-2000:]
     assert "model file /models/missing.gguf does not exist" in result.stderr, result.stderr[-2000:]
     assert time.monotonic() - started < 60
