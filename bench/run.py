@@ -86,7 +86,7 @@ QUICK = {
     "model_rows": 120,
     "coral_rows": 0,
     "controller_w_ms": [8.0],
-    "controller_rows": 400,
+    "controller_rows": 300,
     "in_flight": [],
     "sweep_rows": 300,
     "filter_docs": 8000,

@@ -383,9 +383,14 @@ def run_ray_data_llm(
         steps = _RoleOnRows(role, workload, config, sim_overrides)
         actors = max(1, round(concurrency * traffic / sum(workload.traffic) / batch_size))
         processor = build_processor(
-            HttpRequestProcessorConfig(url=url, batch_size=batch_size, concurrency=actors),
+            # No CPU reservations, as for every runner here: on 2 cores three stages' actors reserving a
+            # CPU each could never all be placed.
+            HttpRequestProcessorConfig(
+                url=url, batch_size=batch_size, concurrency=actors, http_request_stage={"num_cpus": 0}
+            ),
             preprocess=steps.request,
             postprocess=steps.answer,
+            postprocess_map_kwargs={"num_cpus": 0},
         )
         ds = processor(ds.filter(expr=f"next == '{role}'"))
     finished = [r["msg"] for r in ds.take_all()]
