@@ -345,7 +345,7 @@ class Model:
 
 
 # -- calibration and extrapolation -------------------------------------------------------------------
-_OTHER = ("ray_system", "ray_idle", "bench_process")  # "sampler" (the benchmark's own sampling) is left out
+_OTHER = ("ray_system", "ray_idle", "bench_process", "runner")  # "sampler" (the benchmark's own sampling) is left out
 # The process kind that does a runner's step work (bench/sampling.py); ray_data_llm is not modelled.
 _CONTROLLER = {
     "central": "runner",
