@@ -595,6 +595,24 @@ SECTIONS = (
 )
 
 
+def start_ray(tries: int = 3) -> None:
+    """A local Ray for the benchmark. On a loaded machine Ray's start can give up waiting for its own
+    node (its dashboard agent's imports take over 30 s at a load of 20-40): then once more."""
+    for attempt in range(1, tries + 1):
+        try:
+            ray.init(
+                address="local",
+                include_dashboard=False,
+                log_to_driver=False,
+                runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
+            )
+            return
+        except Exception as exc:  # Ray raises a bare Exception for a node that timed out starting
+            if attempt == tries or "timed out during startup" not in str(exc):
+                raise
+            print(f"ray.init: {exc}; trying again", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller, the first six sections only: under 8 minutes")
@@ -604,12 +622,7 @@ def main() -> None:
     args = parser.parse_args()
     size = QUICK if args.quick else FULL
     chosen = set(args.sections.split(",")) if args.sections else set(SECTIONS[:6] if args.quick else SECTIONS)
-    ray.init(
-        address="local",
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
-    )
+    start_ray()
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     bench = Bench(size)
