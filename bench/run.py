@@ -71,6 +71,7 @@ RAY_DATA = ("ray_data", "ray_data_fused", "ray_data_llm")
 # The processes a runner brings (bench/sampling.py kinds): Ray's own, the simulator and this one are shared.
 OWN_KINDS = ("agents", "drivers", "runner", "central_shard")
 PROBES = {"p2p": 1}  # requests a runner sends before its first row's: p2p checks the backend once
+DEFAULT_BATCH = 16  # Ray Data's batch size while its rows in flight are swept
 BUSY = 0.9  # the steady busy share a runner must keep the backend at
 CB_IN_FLIGHT = 128  # rows in flight in the controller-bound section
 # p2p agents per role there: a role's one event loop runs its steps' CPU work one at a time, so with
@@ -229,57 +230,75 @@ class Bench:
 
         return make
 
-    def configs(self, name: str) -> list[tuple[int, int]]:
-        """(rows in flight, batch size) a runner is tried at: Ray Data's batch size is swept too."""
-        batches = self.size["batches"] if name in RAY_DATA else [0]
-        return [(n, b) for n in self.size["ladder"] for b in batches if b <= n]
-
-    def compare(self, wl: Workload, rows_n: int, reps: int) -> dict[str, Any]:
-        """Each runner swept once over its configurations, then `reps` runs of every runner at its best
-        (the most whole-run completion tokens/s) in a random order (seeded, recorded); figures are
-        medians with their range, over the runs whose window was a measurement."""
+    def compare(
+        self, wl: Workload, rows_n: int, reps: int, at: dict[str, dict[str, Any]] | None = None
+    ) -> dict[str, Any]:
+        """Each runner at its best, `reps` runs in a random order (seeded, recorded); figures are
+        medians with their range, over the runs whose window was a measurement. The best is found
+        in two rounds, each in random order: every runner at each rows in flight of the ladder (Ray
+        Data at batch size 16), then Ray Data's other batch sizes at its best rows in flight; the
+        most whole-run completion tokens/s wins (`best_config`). The sweep's run at the best is the
+        first of the `reps`. With `at` (a `best_config`), no sweep: each runner runs there."""
         overrides, config, sim = self.backend(wl)
         corpus = self.corpus(rows_n)
         sweep: dict[str, dict[str, Any]] = {name: {} for name in RUNNERS}
         runs: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in RUNNERS}
-        trials = [(name, n, batch) for name in RUNNERS for n, batch in self.configs(name)]
-        random.Random(len(self.results["runs"])).shuffle(trials)
-        print(f"{wl.name}: {rows_n} rows; every runner's configurations once in random order, then {reps - 1} more")
-        for name, n, batch in trials:
-            fn = self.runner(name, wl, n, batch, overrides, config)(corpus)
-            fig = self.measure(f"sweep/{name}@{n}x{batch}", sim, 1, fn, n / rows_n, PROBES.get(name, 0))
-            fig["rows_in_flight"] = n
-            runs[name][f"{n}x{batch}"] = fig
-            sweep[name][f"{n}x{batch}"] = {
-                "rows_in_flight": n,
-                "batch_size": batch or None,
-                "completion_tokens_per_s": fig["completion_tokens_per_s"],
-                "steady_utilization": fig["backend_utilization_median_s"],
-                "startup_s": fig["startup_s"],
-                "valid": fig["valid"],
-            }
-        best = {
-            name: max(points.values(), key=lambda p: p["completion_tokens_per_s"]) for name, points in sweep.items()
-        }
-        # The sweep's run at the best configuration is the first of its `reps`.
+        tried: list[str] = []
+
+        def trial_round(trials: list[tuple[str, int, int]]) -> None:
+            random.Random(len(self.results["runs"])).shuffle(trials)
+            for name, n, batch in trials:
+                key = f"{n}x{batch}"
+                fn = self.runner(name, wl, n, batch, overrides, config)(corpus)
+                fig = self.measure(f"{wl.name}/sweep/{name}@{key}", sim, 1, fn, n / rows_n, PROBES.get(name, 0))
+                fig["rows_in_flight"] = n
+                runs[name][key] = fig
+                tried.append(f"{name}@{key}")
+                sweep[name][key] = {
+                    "rows_in_flight": n,
+                    "batch_size": batch or None,
+                    "completion_tokens_per_s": fig["completion_tokens_per_s"],
+                    "steady_utilization": fig["backend_utilization_median_s"],
+                    "startup_s": fig["startup_s"],
+                    "valid": fig["valid"],
+                }
+
+        def best_of(name: str) -> dict[str, Any]:
+            return max(sweep[name].values(), key=lambda p: p["completion_tokens_per_s"])
+
+        if at is None:
+            print(f"{wl.name}: {rows_n} rows; rows in flight, then Ray Data's batch size, then {reps - 1} more runs")
+            trial_round(
+                [(name, n, DEFAULT_BATCH if name in RAY_DATA else 0) for name in RUNNERS for n in self.size["ladder"]]
+            )
+            trial_round(
+                [
+                    (name, best_of(name)["rows_in_flight"], b)
+                    for name in RAY_DATA
+                    for b in self.size["batches"]
+                    if b != DEFAULT_BATCH and b <= best_of(name)["rows_in_flight"]
+                ]
+            )
+        else:
+            trial_round([(name, at[name]["rows_in_flight"], at[name]["batch_size"] or 0) for name in RUNNERS])
+        best = {name: best_of(name) for name in RUNNERS}
         figs = {name: [runs[name][f"{b['rows_in_flight']}x{b['batch_size'] or 0}"]] for name, b in best.items()}
         order = [name for name in RUNNERS for _ in range(reps - 1)]
         random.Random(len(self.results["runs"])).shuffle(order)
-        print(f"{wl.name}: {reps - 1} more runs each at the best configuration, in the order {order}")
         for i, name in enumerate(order):
             n, batch = best[name]["rows_in_flight"], best[name]["batch_size"] or 0
             fn = self.runner(name, wl, n, batch, overrides, config)(corpus)
             fig = self.measure(f"{wl.name}/{name}#{i}", sim, 1, fn, n / rows_n, PROBES.get(name, 0))
             fig["rows_in_flight"] = n
             figs[name].append(fig)
-        summary = {name: summarize(runs) for name, runs in figs.items()}
+        summary = {name: summarize(got) for name, got in figs.items()}
         return {
-            "order": [f"{name}@{n}x{batch}" for name, n, batch in trials] + order,
+            "order": tried + order,
             "sweep": sweep,
             "best_config": {k: {key: v[key] for key in ("rows_in_flight", "batch_size")} for k, v in best.items()},
             "p2p_over": {name: ratio(summary, "p2p", name) for name in RUNNERS if name != "p2p"},
             "runners": summary,
-            "quality": {name: quality(runs[0]["_rows"]) for name, runs in figs.items()},
+            "quality": {name: quality(got[0]["_rows"]) for name, got in figs.items()},
         }
 
     def units(self, files: list[int], rows_n: int) -> dict[str, float]:
@@ -650,7 +669,7 @@ def main() -> None:
             for name, points in main_cmp["sweep"].items()
         }
         if size["coral_rows"]:
-            res["coral"] = bench.compare(CORAL, size["coral_rows"], 1)
+            res["coral"] = bench.compare(CORAL, size["coral_rows"], 1, at=main_cmp["best_config"])
     if "controller" in chosen:
         res["controller"] = bench.controller(size["controller_w_ms"], size["controller_rows"], size["reps"])
         w = max(size["controller_w_ms"])
