@@ -202,6 +202,7 @@ class Setup:
     batch: int = 16  # Ray Data
     agents_per_role: int = 1  # p2p, per node
     chained: bool = True  # p2p: every role of a row in one agent process (runtime/chains.py)
+    replicas: int | None = None  # LLM replicas, if not one a GPU (the 3-node point: one simulator)
     drivers_per_node: int = 1  # p2p partitions
     engine: GpuModel = GPU_MODELS["vllm-like"]
     seed: int = 0
@@ -214,9 +215,8 @@ class Model:
         self.s = setup
         self.loop = Loop()
         self.rng = random.Random(setup.seed)
-        self.replicas = [
-            Replica(self.loop, setup.engine, setup.slots) for _ in range(setup.nodes * setup.gpus_per_node)
-        ]
+        count = setup.replicas or setup.nodes * setup.gpus_per_node
+        self.replicas = [Replica(self.loop, setup.engine, setup.slots) for _ in range(count)]
         # Every node a machine; the controllers and the simulator live on the first one.
         self.cpus = [Cpu(self.loop, setup.cores) for _ in range(setup.nodes)]
         head = self.cpus[0]
@@ -446,6 +446,25 @@ def calibrate(results: dict[str, Any], hop_s: float) -> dict[str, Any]:
                     "measured": figs[runner]["calls_per_s"],
                     "error": _error(got, figs[runner]["calls_per_s"]),
                 }
+    three = results.get("three_nodes")
+    if three and nr and "p2p" in nr.get("runners", {}):
+        fig = nr["runners"]["p2p"]
+        nodes = three["nodes"]
+        setup = Setup(
+            "p2p",
+            three["rows_in_flight"],
+            shape_of(fig, NATURAL_REASONING_P),
+            costs(fig["cpu_ms_per_call"], "agents", hop_s),
+            nodes=nodes,
+            replicas=1,
+            cores=(2.0 - fig["foreign_cores"]) / nodes,  # the nodes share this machine's cores
+        )
+        got = Model(setup).run(warm_s=10, measure_s=30)["utilization"]
+        out["held_out"][f"steady_utilization/p2p@{nodes}_nodes"] = {
+            "model": got,
+            "measured": three["backend_utilization_median_s"],
+            "error": _error(got, three["backend_utilization_median_s"]),
+        }
     errors = [abs(e["error"]) for e in out["held_out"].values() if e["error"] is not None]
     out["max_held_out_error"] = max(errors) if errors else None
     return out

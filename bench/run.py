@@ -55,7 +55,7 @@ import ray.data
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench import cold, filter_bench, hops, model, runners, workload  # noqa: E402
+from bench import cold, filter_bench, hops, model, runners, three_nodes, workload  # noqa: E402
 from bench.plot import plot  # noqa: E402
 from bench.sampling import Sampler  # noqa: E402
 from bench.workload import CONTROLLER_BOUND, CORAL, IN_PROCESS_MODEL, NATURAL_REASONING, Workload  # noqa: E402
@@ -610,7 +610,7 @@ def print_table(res: dict[str, Any]) -> None:
 
 SECTIONS = (
     *("compare", "controller", "hop", "in_process_model", "model", "filter"),  # the quick run's
-    *("units", "in_flight", "partitions", "offload", "scaling", "latency"),
+    *("units", "in_flight", "partitions", "offload", "scaling", "latency", "three_nodes"),
 )
 
 
@@ -695,6 +695,9 @@ def main() -> None:
     if "hop" in chosen:
         res["hops"] = bench.hop_cpu(size["hop_rows"])
         res["hop_cpu_ms"] = res["hops"]["hop_cpu_ms"]
+    if "three_nodes" in chosen:
+        res["three_nodes"] = three_nodes.measure(bench.work / "three-nodes", size["rows"], size["concurrency"])
+        print(f"  three_nodes: {json.dumps(res['three_nodes'])}")
     if "latency" in chosen:
         res["hop"] = bench.latency(150)
         print(f"  latency: {res['hop']}")
