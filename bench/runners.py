@@ -1,8 +1,12 @@
-"""The three runners over one backend: peer-to-peer (ours), Ray Data batches, a central controller.
+"""The runners over one backend: peer-to-peer (ours), a central controller (one process, or sharded
+over processes), Ray Data (stage by stage with a filter between stages, fused, and Ray's own
+`ray.data.llm` HTTP request processor).
 
 Each takes a workload, its corpus and the same simulator, and returns per-row results
 {id: (status, latency_s, tokens, extra)} and its wall time; `extra` holds the pipeline's own
-output columns, for the quality comparison.
+output columns, for the quality comparison. Ray Data's staged runners drop a row from the stream
+where it finishes (the `filter` between stages), so they return the rows that reached the last
+stage; their throughput comes from the simulator's counters like everyone's.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import multiprocessing
+import os
 import pickle
 import time
 import zlib
@@ -20,7 +25,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from bench.workload import Workload
-from matrix_provider.llm.client import ClientConfig, LLMClient
+from matrix_provider.llm.client import ClientConfig, Completion, LLMClient, _parse
 from matrix_provider.runtime import job
 from matrix_provider.runtime.orchestrator import Orchestrator
 from matrix_provider.runtime.pipeline import Pipeline, admission, load_pipeline, output_row
@@ -188,12 +193,13 @@ def run_central_processes(
     config: ClientConfig,
     sim_overrides: list[str],
     concurrency: int,
-    processes: int,
+    processes: int | None = None,
     lags: list[float] | None = None,
 ) -> tuple[Rows, float]:
-    """The central controller in `processes` fresh processes, rows split by a hash of their id and
-    `concurrency` shared among them: 1 is the plain controller off this (sampling) process, 2 the
-    sharded one."""
+    """The central controller in `processes` fresh processes (default: one a core), rows split by a
+    hash of their id and `concurrency` shared among them: 1 is the plain controller in a process of
+    its own, more the sharded one."""
+    processes = processes or os.cpu_count() or 1
     started = time.monotonic()
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(processes, mp_context=context) as pool:
@@ -213,9 +219,9 @@ def run_central_processes(
 
 
 class _StageUDF:
-    """One unrolled stage as an async Ray Data UDF: the rows of a batch whose next role is this
-    stage's run concurrently, the others pass through, and the batch leaves when its slowest row
-    is done (the batch barrier)."""
+    """One unrolled stage as an async Ray Data UDF: the rows of a batch run concurrently, and the
+    batch leaves when its slowest row is done (the batch barrier). A `filter` before each stage
+    keeps only the rows routed to it."""
 
     def __init__(self, role: str, workload: Workload, config: ClientConfig, sim_overrides: list[str]):
         spec = _spec(workload, sim_overrides)
@@ -223,15 +229,39 @@ class _StageUDF:
         self.role = self.pipeline.roles[role](role, spec.roles[role], spec.params, LLMClient(config))
 
     async def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        async def one(blob: bytes) -> bytes:
+        async def one(blob: bytes) -> tuple[bytes, str]:
             msg = pickle.loads(blob)
-            if msg.next_role == self.role.name:
-                msg.next_role = await _step(self.role, msg)
-                if msg.next_role is None:
-                    msg.__dict__["t_done"] = time.time()
-            return pickle.dumps(msg)
+            msg.next_role = await _step(self.role, msg)
+            msg.__dict__["t_done"] = time.time()
+            return pickle.dumps(msg), msg.next_role or ""
 
-        return {"msg": list(await asyncio.gather(*(one(b) for b in batch["msg"]))), "t0": batch["t0"]}
+        done = await asyncio.gather(*(one(b) for b in batch["msg"]))
+        return {"msg": [m for m, _ in done], "next": [n for _, n in done], "t0": batch["t0"]}
+
+
+def _admitted(workload: Workload, sim_overrides: list[str], corpus: Path) -> tuple[list[dict[str, Any]], float]:
+    """Every row's message after admission, pickled, with its first role: a Ray Data runner's input."""
+    spec = _spec(workload, sim_overrides)
+    pipeline = load_pipeline(spec.pipeline)
+    t0 = time.time()
+    items = []
+    for row in _load(corpus):
+        msg, first = _admit(pipeline, spec, row)
+        msg.next_role = first
+        items.append({"msg": pickle.dumps(msg), "next": first or "", "t0": t0})
+    return items, t0
+
+
+def _finished(workload: Workload, sim_overrides: list[str], blobs: list[bytes], t0: float) -> Rows:
+    pipeline = load_pipeline(_spec(workload, sim_overrides).pipeline)
+    rows = {}
+    for blob in blobs:
+        msg = pickle.loads(blob)
+        if not msg.done:
+            msg.finish("error", f"still routed to {msg.next_role!r} after the last unrolled stage")
+        latency = msg.__dict__.get("t_done", time.time()) - t0
+        rows[msg.id] = _result(pipeline, output_row(pipeline, msg), latency)
+    return rows
 
 
 def run_ray_data(
@@ -243,43 +273,128 @@ def run_ray_data(
     batch_size: int = 16,
 ) -> tuple[Rows, float]:
     """Each stage a `map_batches` over the dataset, as batch pipelines are written, tuned well:
-    async UDFs with a persistent HTTP client on one actor per stage, streaming execution (no
-    stage-wide barrier, only the batch's), and the `concurrency` rows in flight shared among the
-    stages by the share of rows each works on (at least one batch each), as one would size them
-    after a pilot run. A multi-turn workload is unrolled into its maximum number of stages; rows
-    that finished early pass through the rest.
+    async UDFs with a persistent HTTP client on one actor per stage, a `filter` before each stage
+    so it sees only the rows routed to it, streaming execution (no stage-wide barrier, only the
+    batch's), and the `concurrency` rows in flight shared among the stages by the share of rows each
+    works on (at least one batch each), as one would size them after a pilot run. A multi-turn
+    workload is unrolled into its maximum number of stages.
     """
     import ray.data
 
-    spec = _spec(workload, sim_overrides)
-    pipeline = load_pipeline(spec.pipeline)
     started = time.monotonic()
-    t0 = time.time()
-    items = []
-    for row in _load(corpus):
-        msg, first = _admit(pipeline, spec, row)
-        msg.next_role = first
-        items.append({"msg": pickle.dumps(msg), "t0": t0})
+    items, t0 = _admitted(workload, sim_overrides, corpus)
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items) // batch_size))
     batches = concurrency / batch_size / sum(workload.traffic)
     for role, traffic in zip(workload.stages, workload.traffic, strict=True):
-        per_actor = max(1, round(batches * traffic))
-        ds = ds.map_batches(
+        ds = ds.filter(expr=f"next == '{role}'").map_batches(
             _StageUDF,
             fn_constructor_args=(role, workload, config, sim_overrides),
             batch_size=batch_size,
-            compute=ray.data.ActorPoolStrategy(size=1, max_concurrent_calls_per_actor=per_actor),
+            compute=ray.data.ActorPoolStrategy(size=1, max_concurrent_calls_per_actor=max(1, round(batches * traffic))),
             num_cpus=0,
         )
-    finished = [pickle.loads(r["msg"]) for r in ds.take_all()]
-    wall = time.monotonic() - started
-    rows = {}
-    for msg in finished:
-        if not msg.done:
-            msg.finish("error", f"still routed to {msg.next_role!r} after the last unrolled stage")
-        latency = msg.__dict__.get("t_done", time.time()) - t0
-        rows[msg.id] = _result(pipeline, output_row(pipeline, msg), latency)
-    return rows, wall
+    finished = [r["msg"] for r in ds.take_all()]
+    return _finished(workload, sim_overrides, finished, t0), time.monotonic() - started
+
+
+class _Request(Exception):
+    """The request a role wants sent, raised by `_Replay` instead of sending it."""
+
+    def __init__(self, body: dict[str, Any]):
+        super().__init__("request")
+        self.body = body
+
+
+class _Replay(LLMClient):
+    """A role's LLM client outside our runtime: with no `answer` it raises the request the role would
+    send (so ray.data.llm can send it); with the HTTP response as `answer` it hands that to the role."""
+
+    def __init__(self, config: ClientConfig, answer: dict[str, Any] | None = None):
+        super().__init__(config)
+        self.answer = answer
+
+    async def _request(self, path: str, body: dict[str, Any], sticky_key: str) -> Completion:
+        if self.answer is None:
+            raise _Request(body)
+        return _parse(self.answer, None)
+
+
+def _drive(coro: Any) -> None:
+    """Run a coroutine that never suspends (a role whose one await is its `_Replay` call)."""
+    try:
+        coro.send(None)
+    except StopIteration:
+        return
+    coro.close()
+    raise RuntimeError("the role awaited something other than its LLM call")
+
+
+class _RoleOnRows:
+    """ray.data.llm's preprocess and postprocess for one role: the role's own request for a row, and
+    the role run on the answer (results, usage, routing), so the work is the same as in the runtime."""
+
+    def __init__(self, role: str, workload: Workload, config: ClientConfig, sim_overrides: list[str]):
+        spec = _spec(workload, sim_overrides)
+        self.name, self.spec, self.config = role, spec, config
+        self.cls = load_pipeline(spec.pipeline).roles[role]
+
+    def _role(self, answer: dict[str, Any] | None) -> Any:
+        return self.cls(self.name, self.spec.roles[self.name], self.spec.params, _Replay(self.config, answer))
+
+    def request(self, row: dict[str, Any]) -> dict[str, Any]:
+        try:
+            _drive(self._role(None).run(pickle.loads(row["msg"])))
+        except _Request as wanted:
+            return {"msg": row["msg"], "t0": row["t0"], "payload": wanted.body}
+        raise RuntimeError(f"role {self.name!r} finished without asking the LLM")
+
+    def answer(self, row: dict[str, Any]) -> dict[str, Any]:
+        msg = pickle.loads(row["msg"])
+        try:
+            _drive(self._role(row["http_response"]).run(msg))
+            nxt = None if msg.done else msg.route(self.name)
+        except Exception as exc:  # the same outcome as the runtime: an error row
+            msg.finish("error", f"{self.name}: {exc}")
+            nxt = None
+        msg.__dict__["t_done"] = time.time()
+        return {"msg": pickle.dumps(msg), "next": nxt or "", "t0": row["t0"]}
+
+
+def run_ray_data_llm(
+    workload: Workload,
+    corpus: Path,
+    config: ClientConfig,
+    sim_overrides: list[str],
+    concurrency: int,
+    batch_size: int = 16,
+) -> tuple[Rows, float]:
+    """Ray's own batch-inference API: a `ray.data.llm` HTTP request processor per stage against the
+    same OpenAI-compatible endpoint, a `filter` before each stage, the roles' own prompts and parsing
+    in its preprocess and postprocess. `concurrency` rows in flight become that many processor
+    actors over the stages by their traffic (its HTTP stage sends a batch's requests one by one)."""
+    import ray.data
+    from ray.data.llm import HttpRequestProcessorConfig, build_processor
+
+    started = time.monotonic()
+    items, t0 = _admitted(workload, sim_overrides, corpus)
+    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items) // batch_size))
+    url = config.endpoints[0].rstrip("/") + "/chat/completions"
+    for role, traffic in zip(workload.stages, workload.traffic, strict=True):
+        steps = _RoleOnRows(role, workload, config, sim_overrides)
+        actors = max(1, round(concurrency * traffic / sum(workload.traffic) / batch_size))
+        processor = build_processor(
+            # No CPU reservations, as for every runner here: on 2 cores three stages' actors reserving a
+            # CPU each could never all be placed.
+            HttpRequestProcessorConfig(
+                url=url, batch_size=batch_size, concurrency=actors, http_request_stage={"num_cpus": 0}
+            ),
+            preprocess=steps.request,
+            postprocess=steps.answer,
+            postprocess_map_kwargs={"num_cpus": 0},
+        )
+        ds = processor(ds.filter(expr=f"next == '{role}'"))
+    finished = [r["msg"] for r in ds.take_all()]
+    return _finished(workload, sim_overrides, finished, t0), time.monotonic() - started
 
 
 class _FusedUDF:

@@ -30,6 +30,7 @@ _KINDS = (
     ("simulator", "ray::SimReplica"),
     ("ray_data", "MapWorker"),
     ("ray_data", "ray::SplitCoordinator"),
+    ("runner", "bench/cold.py"),
 )
 _GONE = (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess)
 
@@ -49,10 +50,11 @@ def process_kind(proc: psutil.Process, me: int) -> str:
 class Sampler:
     """Samples until exited; the figures come from `utilization`, `cpu_ms_per_call` and `memory`."""
 
-    def __init__(self, sim_name: str, replicas: int, in_flight_share: float = 0.2):
+    def __init__(self, sim_name: str, replicas: int, in_flight_share: float = 0.2, probes: int = 0):
         """`in_flight_share`: the run's rows in flight over its rows; the steady state ends when
-        about that share of the work is left, since fewer rows are in flight from then on."""
-        self.sim_name, self.replicas = sim_name, replicas
+        about that share of the work is left, since fewer rows are in flight from then on.
+        `probes`: requests the runner sends before its first row's (p2p checks the backend once)."""
+        self.sim_name, self.replicas, self.probes = sim_name, replicas, probes
         self.steady_share = (0.1, max(0.3, min(0.8, 1 - in_flight_share)))
         self.sim: list[tuple[float, float, float, float, float]] = []  # (t, busy slot-s, requests, prompt, completion)
         self.cpu: list[tuple[float, dict[str, float]]] = []  # (t, cumulative CPU s by kind since the start)
@@ -172,7 +174,7 @@ class Sampler:
         t0, b0, r0, p0, c0 = self.sim[0]
         t1, b1, r1, p1, c1 = self.sim[-1]
         calls = max(r1 - r0, 1)
-        first = next((t for t, _, r, *_ in self.sim if r >= r0 + 2), t1)  # past the runtime's one-request probe
+        first = next((t for t, _, r, *_ in self.sim if r >= r0 + self.probes + 1), t1)
         per_second = [(a[0], b[0], (b[1] - a[1]) / (self.slots * (b[0] - a[0]))) for a, b in pairwise(self._seconds())]
         rates = [r for _, _, r in per_second]
         start, end = self.steady_window()
@@ -220,6 +222,12 @@ class Sampler:
         calls, _, a, b = self._cpu_window()
         kinds = sorted(set(a) | set(b))
         return {k: round(1000 * (b.get(k, 0.0) - a.get(k, 0.0)) / calls, 3) for k in kinds}
+
+    def our_cores(self) -> float:
+        """Cores our processes used in the steady state: above the machine's, the window was too
+        short for the CPU samples (0.5 s apart) to measure it, and the run is dropped."""
+        _, seconds, a, b = self._cpu_window()
+        return round(sum(b.get(k, 0.0) - a.get(k, 0.0) for k in b if k not in ("machine", "sampler")) / seconds, 2)
 
     def foreign_cores(self) -> float:
         """Cores used by processes that are not ours (other engineers' tests) in the steady state."""

@@ -83,6 +83,12 @@ CONTROLLER_BOUND = Workload(
     ("a", "b", "a", "b"),
     (1.0, 1.0, 1.0, 1.0),
 )
+IN_PROCESS_MODEL = Workload(
+    "in_process_model",
+    str(BENCH / "in_process_model.yaml"),
+    ("draft", "embed", "judge"),
+    (1.0, 1.0, 1.0),
+)
 CORAL = Workload(
     "coral",
     str(BENCH / "coral_shaped.yaml"),

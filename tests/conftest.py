@@ -115,6 +115,9 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster
     env[PROXY_KEY_ENV] = PROXY_KEY
     serve_port = free_port()
     env.update(RAY_AUTH_MODE="token", MATRIX_SERVE_PORT=str(serve_port))  # inherited by jobs the cluster runs
+    # The raylet waits 30 s for its dashboard agent by default; at a load of 20-40 the agent's imports
+    # take longer and `ray start` fails ("Timed out waiting for file .../metrics_agent_port_...").
+    env["RAY_agent_register_timeout_ms"] = "180000"
     workdir = tmp_path_factory.mktemp("raycwd")  # never start jobs beside Ray's temp dir
     token = ensure_token(env)
     # On a loaded machine Ray's start-up gives up waiting for its raylet to register (15 s by default):

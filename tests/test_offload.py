@@ -65,3 +65,15 @@ def test_in_place_edits_of_offloaded_fields_survive_the_next_hop(ray_client) -> 
     asyncio.run(msg.materialize())
     assert msg.history[-1]["content"] == "appended in place"
     assert msg.row["note"] == "edited in place"
+
+
+def test_a_small_message_travels_as_its_one_pickle() -> None:
+    """`offload` pickles the message once and a hop sends those bytes: nothing is pickled twice."""
+    msg = _Msg(id="row-2", partition=0, delivery=1, deadline=0.0, row={"text": "short"}, key="u/2")
+    msg.add_turn("user", "hello")
+    msg.offload(16384)
+    wire = msg.wire()
+    assert isinstance(wire, bytes) and len(wire) == msg.wire_bytes()
+    back = Orchestrator.unwire(wire)
+    assert (back.id, back.key, back.row, back.history) == (msg.id, msg.key, msg.row, msg.history)
+    assert msg.wire() is msg  # the bytes went with the first send: a retry sends the message itself

@@ -14,6 +14,7 @@ from pathlib import Path
 import fsspec
 import pyarrow.parquet as pq
 import pytest
+import ray
 from ray.util.state import list_actors
 
 from tests.conftest import (
@@ -102,8 +103,11 @@ def _start(cluster, args: list[str]) -> subprocess.Popen:
     )
 
 
-@pytest.mark.parametrize("victim", ["-agent-score-", "-driver-"])
-def test_killing_an_actor_mid_run_loses_and_doubles_nothing(ray_cluster, tmp_path: Path, victim: str) -> None:
+# score and question share a chain (one actor): killing it loses rows in both roles at once
+@pytest.mark.parametrize("victim", ["-agent-score+question-", "-driver-"])
+def test_killing_an_actor_mid_run_loses_and_doubles_nothing(
+    ray_cluster, ray_client, tmp_path: Path, victim: str
+) -> None:
     """An agent's rows are found by the audit and delivered again; a driver's units are redone."""
     for i in range(4):
         write_jsonl(tmp_path / "in" / f"docs-{i}.jsonl", 50, start=50 * i)
@@ -131,6 +135,11 @@ def test_killing_an_actor_mid_run_loses_and_doubles_nothing(ray_cluster, tmp_pat
             if victim in (a.name or "")
         ]
         assert victims, f"no {victim} actor alive"
+        if "agent" in victim:  # kill it while it holds rows (on a loaded machine it may start late)
+            held = ray.get_actor(victims[0].name, namespace="matrix").held_rows
+            deadline = time.monotonic() + 120
+            while not ray.get(held.remote(0)) and time.monotonic() < deadline:
+                time.sleep(0.05)
         os.kill(victims[0].pid, signal.SIGKILL)  # like an OOM kill: no cleanup, in-flight rows gone
         stdout, _ = proc.communicate(timeout=300)
     finally:

@@ -5,8 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from dataclasses import replace
+
+import pytest
 
 from matrix_provider.llm.sim import SimEngine, fake_value
+from matrix_provider.llm.sim_gpu import BLOCK_CHARS, GPU_MODELS, Scheduler, Seq, prompt_blocks
 from matrix_provider.llm.spec import SimSpec
 
 
@@ -110,3 +114,63 @@ def test_saturated_engine_delivers_its_capacity() -> None:
     measured = engine.completion_tokens / elapsed
     assert engine.capacity_tokens_per_s == 4000
     assert 0.8 * 4000 < measured <= 4000 * 1.02
+
+
+def _drain(scheduler: Scheduler) -> tuple[float, list[Seq]]:
+    """Step until idle: (modelled seconds, sequences in the order they finished)."""
+    total, order = 0.0, []
+    while scheduler.busy:
+        seconds, finished = scheduler.step()
+        total += seconds
+        order.extend(finished)
+    return total, order
+
+
+def test_a_step_takes_the_longer_of_memory_and_compute() -> None:
+    gpu = GPU_MODELS["vllm-like"]
+    overhead = gpu.step_overhead_s + gpu.seq_overhead_s
+    weights = gpu.weight_bytes / gpu.hbm_bytes_per_s
+    assert gpu.step_s(1, 1, 100) - overhead == pytest.approx(weights, rel=0.01)  # decode: memory-bound
+    prefill = gpu.step_s(1, 2048, 2048) - overhead
+    assert prefill == pytest.approx(2048 * gpu.flops_per_token / gpu.flops_per_s)  # prefill: compute-bound
+    assert prefill / 2048 >= 51e-6  # an 8B model's floor on an A100
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_others_decode() -> None:
+    gpu = replace(GPU_MODELS["vllm-like"], max_batched_tokens=1000)
+    scheduler = Scheduler(gpu)
+    decoding = Seq(10, 50)
+    scheduler.add(decoding)
+    scheduler.step()
+    long = Seq(3500, 1)
+    scheduler.add(long)
+    for _ in range(3):  # 999 tokens a step beside the one decode token: 3 steps of chunks, no token yet
+        scheduler.step()
+        assert long.generated == 0 and decoding.generated > 1
+    scheduler.step()
+    assert long.generated == 1
+
+
+def test_the_prefix_cache_spares_a_dialogue_the_turns_it_had_already_sent() -> None:
+    first = "system prompt and the first question " * 40
+    second = first + "the first answer and the second question " * 10
+    sticky = Scheduler(GPU_MODELS["vllm-like"])
+    for text in (first, second):
+        sticky.add(Seq(len(text) // 4, 4, prompt_blocks(text)))
+        _drain(sticky)
+    assert sticky.cached_tokens >= len(first) // 4 - BLOCK_CHARS // 4
+    elsewhere = Scheduler(GPU_MODELS["vllm-like"])  # the second turn on another replica: all prefilled
+    elsewhere.add(Seq(len(second) // 4, 4, prompt_blocks(second)))
+    _drain(elsewhere)
+    assert elsewhere.cached_tokens == 0
+
+
+def test_kv_pressure_preempts_and_every_sequence_still_finishes() -> None:
+    scheduler = Scheduler(replace(GPU_MODELS["vllm-like"], kv_tokens=4000))
+    seqs = [Seq(100, 200, ticket=i) for i in range(20)]  # 6,000 tokens of KV wanted at the end
+    for seq in seqs:
+        scheduler.add(seq)
+    _, finished = _drain(scheduler)
+    assert scheduler.preemptions > 0
+    assert sorted(s.ticket for s in finished) == list(range(20))
+    assert all(s.generated == 200 for s in finished) and scheduler.free == scheduler.blocks

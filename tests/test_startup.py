@@ -13,6 +13,7 @@ import ray
 from matrix_provider.runtime import names
 from matrix_provider.runtime.actors import RunActors, first_roles
 from matrix_provider.runtime.agents import PeerDirectory, PeerMissing, hand_off
+from matrix_provider.runtime.chains import Chain
 from matrix_provider.runtime.orchestrator import Orchestrator
 from matrix_provider.runtime.pipeline import load_pipeline
 from matrix_provider.runtime.spec import compose
@@ -44,8 +45,8 @@ class _Inbox:
     def __init__(self) -> None:
         self.got: list[str] = []
 
-    async def enqueue_many(self, msgs: list[Orchestrator]) -> None:
-        self.got.extend(m.id for m in msgs)
+    async def enqueue_many(self, items: list[bytes | Orchestrator]) -> None:
+        self.got.extend(Orchestrator.unwire(m).id for m in items)
 
     async def ids(self) -> list[str]:
         return self.got
@@ -53,8 +54,8 @@ class _Inbox:
 
 def test_a_row_for_an_agent_not_started_yet_waits_for_it(ray_client) -> None:
     run_id = uuid.uuid4().hex[:8]
-    peers = PeerDirectory(run_id, {"late": 2})
-    with pytest.raises(PeerMissing, match="no replica of role 'late' has started yet"):
+    peers = PeerDirectory(run_id, [Chain(("late",), 2, 0.0, 0.0, ())])
+    with pytest.raises(PeerMissing, match="no replica of 'late' has started yet"):
         peers.agent("late")
 
     def start(i: int):
@@ -87,14 +88,17 @@ def test_run_actors_start_the_first_rows_path_then_the_rest(ray_client) -> None:
     try:
         actors.start()
         assert len(actors.drivers) == 1
-        assert set(actors.agents) == {names.agent_name(run_id, "filter", 0)}
+        assert set(actors.agents) == {names.agent_name(run_id, "filter", 0)}  # the first row's chain
         assert not actors.poll()  # nothing answered yet: the second wave waits
         assert len(actors.drivers) == 1
         ray.get(actors.waiting(), timeout=60)
         assert actors.poll()
         assert actors.waiting() == [] and not actors.poll()
         assert len(actors.drivers) == 3
-        expected = {names.agent_name(run_id, r, i) for r, s in spec.roles.items() for i in range(s.replicas)}
+        # filter has two replicas, score and question one each: they share a chain of one actor
+        expected = {names.agent_name(run_id, "filter", i) for i in (0, 1)} | {
+            names.agent_name(run_id, "score+question", 0)
+        }
         assert set(actors.agents) == expected
     finally:
         actors.kill()
@@ -122,6 +126,7 @@ def test_an_agent_that_cannot_start_fails_the_run_with_its_cause(ray_cluster, tm
         timeout=180,
     )
     assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "agent broken-0 could not start" in result.stderr, result.stderr[-2000:]
+    # first and broken share a chain (one actor): its constructor raised in `broken`
+    assert "agent first+broken-0 could not start" in result.stderr, result.stderr[-2000:]
     assert "model file /models/missing.gguf does not exist" in result.stderr, result.stderr[-2000:]
     assert time.monotonic() - started < 60

@@ -8,10 +8,12 @@ Draws (output length, faults, JSON values) come from a hash of the seed, the req
 client's attempt number (`x-matrix-attempt`), so a rerun gets the same answers while a retry of a
 failed request gets a fresh draw.
 
-Opt-in, `model: vllm-like` (`STEP_MODELS`): a vLLM-like engine whose decode step advances every
-running sequence by one token and takes `a + b * batch + c * sum(context)` seconds plus the prefill
-of the prompts admitted at that step, with a KV budget; so a bigger batch or a longer history
-makes every sequence slower, as on a GPU.
+Opt-in, `model: vllm-like` (`sim_gpu.GPU_MODELS`): a physical model of a GPU under vLLM's scheduler
+(step time = max(memory, compute), chunked prefill, up to `slots` of its 256 sequences, KV paging
+with preemption, a prefix cache per replica); so a bigger batch, a longer history or a prompt
+burst makes every sequence slower, as on a GPU, and a dialogue whose turns come back to the same
+replica skips the prefill of what it had said before. `prefill_s_per_token` and
+`decode_s_per_token` do not apply to it.
 """
 
 from __future__ import annotations
@@ -23,42 +25,15 @@ import math
 import random
 import re
 import time
-from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
+from matrix_provider.llm.sim_gpu import GPU_MODELS, Scheduler, Seq, prompt_blocks
 from matrix_provider.llm.spec import SimSpec
 
 _WORDS = ("the", "model", "reasons", "about", "data", "step", "answer", "because", "so", "then")
 HANG_S = 3600.0
 _END_MARKER = re.compile(r"###[A-Z][A-Z-]*###")
-
-
-@dataclass(frozen=True)
-class StepModel:
-    """Step time of a continuous-batching GPU engine: weights read once a step (`a`), per-sequence
-    work (`b`), attention over every running sequence's KV cache (`c` per context token)."""
-
-    a: float
-    b: float
-    c: float
-    kv_tokens: int  # KV cache budget: a sequence is admitted only if its prompt and output fit
-
-    def step_s(self, batch: int, context_tokens: int) -> float:
-        return self.a + self.b * batch + self.c * context_tokens
-
-
-# Llama-3.1-8B in bf16 on one A100-80GB: 16 GB of weights at ~2 TB/s a step, 128 KB of KV a token
-# (32 layers x 8 KV heads x 128 x 2 x 2 bytes) read at the same rate, ~60 GB left for KV.
-STEP_MODELS = {"vllm-like": StepModel(a=0.008, b=0.00004, c=6.5e-8, kv_tokens=460_000)}
-
-
-@dataclass
-class _Sequence:
-    prompt: int
-    output: int
-    done: asyncio.Future[None]
-    generated: int = 0
 
 
 @dataclass
@@ -96,22 +71,18 @@ class SimEngine:
         self.completion_tokens = 0
         self.in_flight = 0
         self._running: dict[int, tuple[float, float]] = {}  # request -> (got its slot at, modelled busy s)
-        self.steps = STEP_MODELS.get(spec.model)
-        self._waiting: deque[_Sequence] = deque()
-        self._batch: list[_Sequence] = []
-        self._kv_used = 0
-        self._admitted = [0, 0, 0]  # sequences admitted, their summed KV reservations and mean contexts
+        gpu = GPU_MODELS.get(spec.model)
+        self.scheduler = Scheduler(gpu, spec.slots) if gpu is not None else None
+        self._contexts = [0, 0]  # sequences finished, their summed mean contexts (prompt + half the output)
         self._wake: asyncio.Event | None = None
 
     @property
     def capacity_tokens_per_s(self) -> float:
         """Completion tokens/s of this replica with every slot busy (prefill excluded); for a step
         model, with as many sequences as slots and KV budget allow at the mean context seen so far."""
-        if self.steps is not None:
-            count, reserved, context = self._admitted
-            mean_reserved, mean_context = (reserved / count, context / count) if count else (768.0, 512.0)
-            full = max(1, min(self.spec.slots, int(self.steps.kv_tokens // mean_reserved)))
-            return full / self.steps.step_s(full, round(full * mean_context))
+        if self.scheduler is not None:
+            count, context = self._contexts
+            return self.scheduler.gpu.capacity_tokens_per_s(context / count if count else 512.0, self.spec.slots)
         if self.spec.decode_s_per_token == 0:
             return math.inf
         return self.spec.slots / self.spec.decode_s_per_token
@@ -119,7 +90,18 @@ class SimEngine:
     def stats(self) -> dict[str, float]:
         """Figures so far; busy slot-time counts the modelled work done, also of running requests."""
         now = time.monotonic()
+        scheduler = self.scheduler
+        engine = (
+            {}
+            if scheduler is None
+            else {
+                "preemptions": scheduler.preemptions,
+                "prefix_cache_queried_tokens": scheduler.prompt_tokens,
+                "prefix_cache_hit_tokens": scheduler.cached_tokens,
+            }
+        )
         return {
+            **engine,
             "capacity_tokens_per_s": self.capacity_tokens_per_s,
             "slots": self.spec.slots,
             "busy_slot_s": self.busy_slot_s + sum(min(now - t, busy) for t, busy in self._running.values()),
@@ -163,8 +145,8 @@ class SimEngine:
         self.requests += 1
         self.in_flight += 1
         try:
-            if self.steps is not None:
-                await self._generate(prompt_tokens, out_tokens)
+            if self.scheduler is not None:
+                await self._generate(prompt_tokens, out_tokens, prompt_blocks(prompt_text(body)))
                 return self._reply(path, message, finish, prompt_tokens, out_tokens)
             async with self._slots:
                 busy = s.prefill_s_per_token * prompt_tokens + s.decode_s_per_token * out_tokens
@@ -198,64 +180,40 @@ class SimEngine:
             200, {"id": f"sim-{self.requests}", "object": obj, "model": s.model, "choices": [choice], "usage": usage}
         )
 
-    async def _generate(self, prompt_tokens: int, out_tokens: int) -> None:
+    async def _generate(self, prompt_tokens: int, out_tokens: int, blocks: tuple[int, ...]) -> None:
         """Queue a sequence for the step loop (started with the first request) and wait for its
         last token."""
+        assert self.scheduler is not None
         if self._wake is None:
             self._wake = asyncio.Event()
             asyncio.get_running_loop().create_task(self._step_loop())
-        seq = _Sequence(prompt_tokens, out_tokens, asyncio.get_running_loop().create_future())
-        self._waiting.append(seq)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.scheduler.add(Seq(prompt_tokens, out_tokens, blocks, done))
         self._wake.set()
-        await seq.done
-
-    def _admit(self) -> int:
-        """Move waiting sequences into the batch while slots and KV budget allow (an empty batch
-        takes one anyway, so an oversized request cannot stall the engine); return their prompt
-        tokens, prefilled in this step."""
-        assert self.steps is not None
-        prefill = 0
-        while self._waiting and len(self._batch) < self.spec.slots:
-            seq = self._waiting[0]
-            need = seq.prompt + seq.output
-            if self._batch and self._kv_used + need > self.steps.kv_tokens:
-                break
-            self._waiting.popleft()
-            self._batch.append(seq)
-            self._kv_used += need
-            self._admitted[0] += 1
-            self._admitted[1] += need
-            self._admitted[2] += seq.prompt + seq.output // 2
-            prefill += seq.prompt
-        return prefill
+        await done
 
     async def _step_loop(self) -> None:
-        """One decode step at a time over the whole batch; steps are scheduled on a clock, so a
-        late event loop catches up (by at most 0.1 s) instead of slowing the modelled engine."""
-        assert self.steps is not None and self._wake is not None
+        """One engine step at a time; steps are scheduled on a clock, so a late event loop catches
+        up (by at most 0.1 s) instead of slowing the modelled engine."""
+        assert self.scheduler is not None and self._wake is not None
+        scheduler = self.scheduler
         end = time.monotonic()
         while True:
-            prefill = self._admit()
-            if not self._batch:
+            if not scheduler.busy:
                 self._wake.clear()
                 await self._wake.wait()
                 end = time.monotonic()
                 continue
-            context = sum(seq.prompt + seq.generated for seq in self._batch)
-            dt = self.steps.step_s(len(self._batch), context) + self.spec.prefill_s_per_token * prefill
+            running = len(scheduler.running)
+            dt, finished = scheduler.step()
             end = max(end + dt, time.monotonic() - 0.1)
             await asyncio.sleep(end - time.monotonic())
-            self.busy_slot_s += dt * len(self._batch)
-            running = []
-            for seq in self._batch:
-                seq.generated += 1
-                if seq.generated < seq.output:
-                    running.append(seq)
-                    continue
-                self._kv_used -= seq.prompt + seq.output
-                if not seq.done.done():
-                    seq.done.set_result(None)
-            self._batch = running
+            self.busy_slot_s += dt * max(running, len(scheduler.running) + len(finished))
+            for seq in finished:
+                self._contexts[0] += 1
+                self._contexts[1] += seq.prompt + seq.output // 2
+                if not seq.ticket.done():
+                    seq.ticket.set_result(None)
 
     def _answer(
         self, path: str, body: dict[str, Any], rng: random.Random, out_tokens: int

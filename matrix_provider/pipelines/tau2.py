@@ -282,6 +282,8 @@ class AssistantRole(Tau2Role):
 class ToolsRole(Role):
     """Runs the last message's tool calls in the row's sandbox, where the task's environment lives."""
 
+    own_process = "a sandbox session"
+
     async def run(self, msg: Orchestrator) -> None:
         state = msg.results["tau2"]
         init = {"domain": state["domain"], "task_id": state["task_id"]}

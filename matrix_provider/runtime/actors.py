@@ -3,10 +3,11 @@
 Ray starts the worker processes of every pending actor at once. On a node with few cores they
 share the CPU (each imports Ray and the runtime) and all become ready together, late: on 2 cores,
 four processes take ~2.5 s where two take ~1.4 s. The first row only needs partition 0's driver
-and a replica of the role it goes to first, so those start alone (a pipeline without agents, whose
-drivers do all the work, starts every driver at once); every other actor starts when
-they answer (or after `_FIRST_WAVE_S`, should one of them never be placed). Rows bound for an
-agent of the second wave wait in `hand_off`, which retries until the name resolves.
+and a replica of the chain (`runtime/chains.py`) hosting the role it goes to first, so those
+start alone (a pipeline without agents, whose drivers do all the work, starts every driver at
+once); every other actor starts when they answer (or after `_FIRST_WAVE_S`, should one of them
+never be placed). Rows bound for an agent of the second wave wait in `hand_off`, which retries
+until the name resolves.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import ray
 
 from matrix_provider.runtime import names
 from matrix_provider.runtime.agents import Agent
+from matrix_provider.runtime.chains import Chain, plan_chains
 from matrix_provider.runtime.driver import PartitionDriver
 from matrix_provider.runtime.pipeline import Pipeline
 from matrix_provider.runtime.spec import PipelineSpec
@@ -58,17 +60,19 @@ class RunActors:
         self.spec_json = spec.model_dump_json()
         self.agents: dict[str, Any] = {}
         self.drivers: list[Any] = []
-        first = first_roles(pipeline, spec)
+        self.chains = plan_chains(spec, pipeline)
+        starts = first_roles(pipeline, spec)
+        first = [c for c in self.chains if starts & set(c.roles)]
         # Without agents the drivers do all the work (prefilter): every one of them is first.
         first_drivers = spec.run.partitions if not spec.roles else 1
         self._first: list[Callable[[], tuple[str, Any]]] = [
             *(lambda p=p: self._driver(p) for p in range(first_drivers)),
-            *(lambda r=r: self._agent(r, 0) for r in first),
+            *(lambda c=c: self._agent(c, 0) for c in first),
         ]
         self._rest: list[Callable[[], tuple[str, Any]]] = [
-            *(lambda r=r: self._agent(r, 0) for r in spec.roles if r not in first),
+            *(lambda c=c: self._agent(c, 0) for c in self.chains if c not in first),
             *(lambda p=p: self._driver(p) for p in range(first_drivers, spec.run.partitions)),
-            *(lambda r=r, i=i: self._agent(r, i) for r, s in spec.roles.items() for i in range(1, s.replicas)),
+            *(lambda c=c, i=i: self._agent(c, i) for c in self.chains for i in range(1, c.replicas)),
         ]
         self._pending: dict[Any, str] = {}  # readiness calls not answered yet -> the actor's name
         self._first_pending: set[Any] = set()
@@ -118,20 +122,19 @@ class RunActors:
         for actor in [*self.drivers, *self.agents.values()]:
             ray.kill(actor, no_restart=True)
 
-    def _agent(self, role: str, i: int) -> tuple[str, Any]:
-        role_spec = self.spec.roles[role]
-        name = names.agent_name(self.run_id, role, i)
+    def _agent(self, chain: Chain, i: int) -> tuple[str, Any]:
+        name = names.agent_name(self.run_id, chain.name, i)
         agent = Agent.options(
             name=name,
             namespace=names.NAMESPACE,
-            num_cpus=role_spec.num_cpus,
-            num_gpus=role_spec.num_gpus,
-            resources=role_spec.resources or None,
+            num_cpus=chain.num_cpus,
+            num_gpus=chain.num_gpus,
+            resources=dict(chain.resources) or None,
             max_concurrency=_BIG,
             scheduling_strategy="SPREAD",
-        ).remote(self.run_id, role, self.spec_json, self.client_config)
+        ).remote(self.run_id, chain.roles, self.spec_json, self.client_config)
         self.agents[name] = agent
-        return f"agent {role}-{i}", agent.incarnation.remote()
+        return f"agent {chain.name}-{i}", agent.incarnation.remote()
 
     def _driver(self, partition: int) -> tuple[str, Any]:
         driver = PartitionDriver.options(

@@ -136,7 +136,7 @@ class PartitionDriver:
         self.partition = partition
         self.generation = generation
         self.epoch = epoch
-        self.peers = PeerDirectory(run_id, {r: s.replicas for r, s in self.spec.roles.items()})
+        self.peers = PeerDirectory.of(run_id, self.spec)
         self.store = OutputStore(self.spec.run.output, self.spec.io.storage_options, self.spec.io.write_retries)
         self.in_fs, _ = open_fs(self.spec.run.input, self.spec.io.storage_options)
         self.metrics = PipelineMetrics(self.pipeline.name)

@@ -3,8 +3,9 @@
 NAMESPACE = "matrix"
 
 
-def agent_name(run_id: str, role: str, index: int) -> str:
-    return f"matrix-{run_id}-agent-{role}-{index}"
+def agent_name(run_id: str, chain: str, index: int) -> str:
+    """`chain` is a role, or chained roles joined by `+` (`runtime/chains.py`)."""
+    return f"matrix-{run_id}-agent-{chain}-{index}"
 
 
 def driver_name(run_id: str, partition: int) -> str:

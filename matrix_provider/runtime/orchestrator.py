@@ -5,16 +5,19 @@ Control: which role acts next, which delivery this is, the row's deadline.
 A pipeline subclasses `Orchestrator` and writes its routing in `route()`; agents call it after
 each step and hand the message straight to a replica of the role it names.
 
-Large payloads are offloaded: after a step, `offload()` puts any field whose pickled size is above
-the threshold into Ray's object store and keeps only the reference; `materialize()` brings it back
-on the next agent. Roles may change fields any way they like (setters or in place: `msg.row[k] = v`,
-`msg.history.append(...)`): `offload()` compares the field's pickled bytes with the digest taken
-when it was materialized and reuses the stored copy only when nothing changed, so no edit is lost.
+A hop between processes pickles the message once: `offload()` pickles it, and a message of at
+most `orchestrator.offload_bytes` travels as those bytes (`wire()`), so nothing is pickled twice and
+nothing is pickled only to learn its size. Only a larger one is split: any payload field whose
+pickle is above the threshold goes to Ray's object store and the message keeps the reference;
+`materialize()` brings it back on the next agent and keeps the bytes it came from. Roles may change
+fields any way they like (setters or in place: `msg.row[k] = v`, `msg.history.append(...)`):
+`offload()` compares the field's new pickle with those bytes (a memcmp, no digest) and reuses the
+stored copy only when nothing changed, so no edit is lost. A hop between chained roles of one
+process (`runtime/chains.py`) does none of this: the message object itself moves.
 """
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +32,6 @@ class Offloaded:
 
     ref: Any  # ObjectRef of the pickled bytes
     nbytes: int
-    digest: bytes
 
 
 @dataclass
@@ -80,17 +82,22 @@ class Orchestrator:
         if isinstance(getattr(self, name), Offloaded):
             raise RuntimeError(f"orchestrator field {name!r} is offloaded: materialize() first")
 
-    # -- offloading -----------------------------------------------------------------------------
+    # -- travelling between processes -------------------------------------------------------------
     def offload(self, threshold: int) -> None:
-        """Move payload fields above `threshold` pickled bytes to the object store.
+        """Make the message ready for a hop to another process (see the module's docstring).
 
-        A field whose bytes equal those it was materialized from travels on as the same reference.
+        With `threshold` 0 (offloading off) the message always travels as its pickle.
         """
-        if threshold <= 0:
-            return
+        state = self.__dict__
+        state.pop("_packed", None)
+        if not any(isinstance(getattr(self, name), Offloaded) for name in PAYLOAD_FIELDS):
+            packed = pickle.dumps(self, protocol=5)
+            if threshold <= 0 or len(packed) <= threshold:
+                state["_packed"] = packed
+                return
         import ray
 
-        cached: dict[str, Offloaded] = self.__dict__.get("_refs", {})
+        cached: dict[str, tuple[Offloaded, bytes]] = state.get("_refs", {})
         for name in PAYLOAD_FIELDS:
             value = getattr(self, name)
             if isinstance(value, Offloaded):
@@ -98,29 +105,42 @@ class Orchestrator:
             data = pickle.dumps(value, protocol=5)
             if len(data) <= threshold:
                 continue
-            digest = hashlib.blake2b(data, digest_size=16).digest()
             previous = cached.get(name)
-            if previous is not None and previous.digest == digest:
-                setattr(self, name, previous)
+            if previous is not None and previous[1] == data:
+                setattr(self, name, previous[0])
             else:
-                setattr(self, name, Offloaded(ray.put(data), len(data), digest))
+                setattr(self, name, Offloaded(ray.put(data), len(data)))
+
+    def wire(self) -> bytes | Orchestrator:
+        """What a hop sends: the pickle `offload()` kept, else the message itself (a message with
+        object-store references must be pickled by Ray, which counts the references it carries)."""
+        packed: bytes | None = self.__dict__.pop("_packed", None)
+        return packed if packed is not None else self
+
+    @staticmethod
+    def unwire(item: bytes | Orchestrator) -> Orchestrator:
+        """The message a hop carried (`wire()`)."""
+        return pickle.loads(item) if isinstance(item, bytes) else item
 
     async def materialize(self) -> None:
-        """Fetch offloaded fields, remembering their references for an unchanged re-offload."""
+        """Fetch offloaded fields, keeping their references and bytes for an unchanged re-offload."""
         refs = self.__dict__.setdefault("_refs", {})
         for name in PAYLOAD_FIELDS:
             value = getattr(self, name)
             if isinstance(value, Offloaded):
-                setattr(self, name, pickle.loads(await value.ref))
-                refs[name] = value
+                data = await value.ref
+                setattr(self, name, pickle.loads(data))
+                refs[name] = (value, data)
 
     def offloaded_ref(self, name: str) -> Offloaded | None:
         """The stored copy `name` was materialized from, if any."""
-        return self.__dict__.get("_refs", {}).get(name)
+        held = self.__dict__.get("_refs", {}).get(name)
+        return held[0] if held is not None else None
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state.pop("_refs", None)
+        state.pop("_packed", None)
         return state
 
     def wire_bytes(self) -> int:

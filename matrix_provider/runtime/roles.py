@@ -7,7 +7,7 @@ plain Python, and records results on the message. It never routes: the orchestra
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from matrix_provider.llm.client import Completion, LLMClient
 from matrix_provider.runtime.orchestrator import Orchestrator
@@ -25,6 +25,9 @@ class Role:
     `sandbox` runs tools outside this process, for pipelines with `uses_sandbox`."""
 
     uses_llm = False
+    own_process: ClassVar[str | None] = None
+    """Why this role needs actors of its own ("an in-process model", "a sandbox session"): it is
+    never chained with its neighbours (`runtime/chains.py`). None lets it share their process."""
 
     def __init__(
         self,

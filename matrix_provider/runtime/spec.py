@@ -55,6 +55,7 @@ OPERATIONAL_KEYS = frozenset(
         "pool_size",
         "warm",
         "lease_ttl_s",
+        "chain",
     }
 )
 
@@ -82,6 +83,11 @@ class RoleSpec(_Strict):
         0.0, ge=-2.0, le=2.0, description="OpenAI's penalty on repeated tokens; keeps small models out of loops"
     )
     params: dict[str, Any] = Field(default_factory=dict, description="role-specific knobs")
+    chain: bool = Field(
+        True,
+        description="share actor processes with the neighbouring roles of equal resources and replicas "
+        "(hand-offs become in-process queue puts); false cuts the chain before and after this role",
+    )
 
 
 class OrchestratorSpec(_Strict):
@@ -90,6 +96,9 @@ class OrchestratorSpec(_Strict):
     offload_bytes: int = Field(16384, ge=0, description="payloads above this go to the object store; 0 = off")
     audit_interval_s: float = Field(2.0, gt=0, description="how often the run checks that every agent is alive")
     max_hops: int = Field(64, ge=1, description="role steps of one row before a routing loop becomes an error row")
+    linger_s: float = Field(
+        0.005, ge=0, description="messages to one actor within this long share one Ray call (outbox coalescing)"
+    )
 
 
 class IOSpec(_Strict):
