@@ -135,7 +135,7 @@ def _stages(job: Job, partitions: int) -> dict[str, int]:
         keys.map_batches(_documents, batch_format="pyarrow"), ["hi", "lo"], graph.candidate_edges, partitions
     )
     edges = edges.materialize()
-    exact = edges.map_batches(_pairs(exact_only=True), batch_format="pyarrow").materialize()
+    exact = edges.map_batches(_pairs(exact_only=True), batch_format="pyarrow")
     stars = graph.components(edges.map_batches(_pairs(exact_only=False), batch_format="pyarrow"), partitions)
     figures = graph.cluster_figures(stars, exact, partitions)
     removals = (
