@@ -16,7 +16,6 @@ complete groups; here each block is handled with vectorized numpy instead of one
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -100,8 +99,9 @@ def small_star(block: pa.Table) -> pa.Table:
     return _edges(np.concatenate([a[new], b[moved]]), np.concatenate([b[new], smallest[moved]]))
 
 
-def _loops(block: pa.Table) -> pa.Table:
-    return pa.table({"loops": [int(np.sum(block["a"].to_numpy() == block["b"].to_numpy()))]})
+def _has_loops(block: pa.Table) -> bool:
+    """Read block by block where the blocks are (a materialized dataset), so no task is started."""
+    return bool(np.any(block["a"].to_numpy() == block["b"].to_numpy()))
 
 
 def components(edges: ray.data.Dataset, partitions: int) -> ray.data.Dataset:
@@ -109,41 +109,7 @@ def components(edges: ray.data.Dataset, partitions: int) -> ray.data.Dataset:
     for _ in range(MAX_ROUNDS):
         stars = by_key(edges.map_batches(_both_ways, batch_format="pyarrow"), ["src"], large_star, partitions)
         stars = stars.materialize()
-        if (
-            sum(row["loops"] for row in stars.map_batches(_loops, batch_size=None, batch_format="pyarrow").take_all())
-            == 0
-        ):
+        if not any(_has_loops(block) for block in stars.iter_batches(batch_size=None, batch_format="pyarrow")):
             return stars
         edges = by_key(stars, ["a"], small_star, partitions).materialize()
     raise NotConverged(f"connected components did not settle in {MAX_ROUNDS} rounds")
-
-
-def cluster_figures(stars: ray.data.Dataset, exact: ray.data.Dataset, partitions: int) -> dict[str, int]:
-    """Clusters (components of 2 or more documents), the largest, and groups of identical text."""
-    tagged = stars.map_batches(_tag(0), batch_format="pyarrow").union(
-        exact.map_batches(_tag(1), batch_format="pyarrow")
-    )
-    rows = by_key(tagged, ["exact", "b"], _roots, partitions).take_all()
-    return {
-        "clusters": sum(r["clusters"] for r in rows),
-        "largest_cluster": max((r["largest"] for r in rows), default=0),
-        "exact_groups": sum(r["exact_groups"] for r in rows),
-    }
-
-
-def _tag(exact: int) -> Callable[[pa.Table], pa.Table]:
-    def tag(block: pa.Table) -> pa.Table:
-        return pa.table({"b": block["b"], "exact": pa.array(np.full(block.num_rows, exact, np.int8))})
-
-    return tag
-
-
-def _roots(block: pa.Table) -> pa.Table:
-    exact, b = block["exact"].to_numpy(), block["b"].to_numpy()
-    figures: dict[str, Any] = {}
-    for kind, name in ((0, "clusters"), (1, "exact_groups")):
-        _, sizes = np.unique(b[exact == kind], return_counts=True)
-        figures[name] = [len(sizes)]
-        if kind == 0:
-            figures["largest"] = [int(sizes.max()) + 1 if len(sizes) else 0]
-    return pa.table(figures)

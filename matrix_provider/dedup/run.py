@@ -6,9 +6,9 @@ Stages (Ray Data; each task holds one unit or one hash partition, never the corp
    plus one marker row per unit (node = its first node id + its record count), so that every unit
    is written, also one where nothing is removed, and a unit edited since it was read is caught;
 2. candidate pairs by key, then connected components (graph.py);
-3. removals (every node but its cluster's root; `exact` when an identical text comes earlier) and
-   the markers, grouped by unit: one call per unit reads the unit again, writes what is kept and
-   commits it (output.py).
+3. removals (every node but its cluster's root; `exact` when an identical text comes earlier), the
+   roots and the markers, grouped by unit: one call per unit reads the unit again, writes what is
+   kept and commits it (output.py), and counts the clusters whose root it holds.
 Kept is the first document of each cluster in input order, whatever the partition count.
 """
 
@@ -39,7 +39,7 @@ USAGE_ERRORS = (InputError, OutputError, ValueError)
 _BATCH_ROWS = 8192
 _TOP_REASONS = 10
 _EXAMPLES = 10
-KIND_NEAR, KIND_EXACT, KIND_UNIT = 0, 1, 2
+KIND_NEAR, KIND_EXACT, KIND_UNIT, KIND_ROOT, KIND_EXACT_ROOT = range(5)
 _COUNTS = ("rows_in", "rows_ok", "rows_filtered", "rows_error", "rows_skipped", "removed_exact", "removed_near")
 _ORDINALS = (1 << inputs.ORDINAL_BITS) - 1
 _KEYS = pa.schema(
@@ -131,28 +131,26 @@ def _stages(job: Job, partitions: int) -> dict[str, int]:
     count = len(job.plan.units)
     units = ray.data.from_items([{"unit": i} for i in range(count)], override_num_blocks=count)
     keys = units.map_batches(_keys, batch_size=1, batch_format="numpy", fn_kwargs={"job": job}).materialize()
-    edges = graph.by_key(
-        keys.map_batches(_documents, batch_format="pyarrow"), ["hi", "lo"], graph.candidate_edges, partitions
-    )
-    edges = edges.materialize()
+    documents = keys.map_batches(_documents, batch_format="pyarrow")
+    edges = graph.by_key(documents, ["hi", "lo"], graph.candidate_edges, partitions).materialize()
     exact = edges.map_batches(_pairs(exact_only=True), batch_format="pyarrow")
     stars = graph.components(edges.map_batches(_pairs(exact_only=False), batch_format="pyarrow"), partitions)
-    figures = graph.cluster_figures(stars, exact, partitions)
-    removals = (
-        stars.map_batches(_removals(KIND_NEAR), batch_format="pyarrow")
-        .union(exact.map_batches(_removals(KIND_EXACT), batch_format="pyarrow"))
-        .union(keys.map_batches(_markers, batch_format="pyarrow"))
+    by_unit = _by_unit(stars, KIND_NEAR, KIND_ROOT).union(
+        _by_unit(exact, KIND_EXACT, KIND_EXACT_ROOT), keys.map_batches(_markers, batch_format="pyarrow")
     )
-    failures = [
-        row["failure"]
-        for row in removals.groupby("unit", num_partitions=partitions)
+    results = (
+        by_unit.groupby("unit", num_partitions=partitions)
         .map_groups(_write_unit, batch_format="pyarrow", fn_kwargs={"job": job})
         .take_all()
-        if row["failure"]
-    ]
+    )
+    failures = [row["failure"] for row in results if row["failure"]]
     if failures:
         raise DedupFailed(f"{len(failures)} units failed; rerun to resume. First: {failures[0]}")
-    return figures
+    return {
+        "clusters": sum(row["clusters"] for row in results),
+        "largest_cluster": max((row["largest_cluster"] for row in results), default=0),
+        "exact_groups": sum(row["exact_groups"] for row in results),
+    }
 
 
 def _keys(batch: dict[str, np.ndarray], job: Job) -> Iterator[pa.Table]:
@@ -188,7 +186,17 @@ def _pairs(exact_only: bool) -> Callable[[pa.Table], pa.Table]:
     return pairs
 
 
-def _removal_table(node: np.ndarray, kind: int) -> pa.Table:
+def _by_unit(edges: ray.data.Dataset, leaf: int, root: int) -> ray.data.Dataset:
+    """Each edge (a, b) as a row for a's unit (a is removed) and one for b's (b is a cluster's root)."""
+
+    def rows(block: pa.Table) -> pa.Table:
+        a, b = block["a"].to_numpy(), block["b"].to_numpy()
+        return pa.concat_tables([_unit_rows(a, leaf), _unit_rows(b, root)])
+
+    return edges.map_batches(rows, batch_format="pyarrow")
+
+
+def _unit_rows(node: np.ndarray, kind: int) -> pa.Table:
     return pa.table(
         {
             "unit": pa.array(node >> inputs.ORDINAL_BITS, pa.int64()),
@@ -198,33 +206,32 @@ def _removal_table(node: np.ndarray, kind: int) -> pa.Table:
     )
 
 
-def _removals(kind: int) -> Callable[[pa.Table], pa.Table]:
-    def removals(block: pa.Table) -> pa.Table:
-        return _removal_table(block["a"].to_numpy(), kind)
-
-    return removals
-
-
 def _markers(block: pa.Table) -> pa.Table:
-    return _removal_table(block.filter(block["marker"])["node"].to_numpy(), KIND_UNIT)
+    return _unit_rows(block.filter(block["marker"])["node"].to_numpy(), KIND_UNIT)
 
 
 def _write_unit(group: pa.Table, job: Job) -> pa.Table:
-    """Read one unit again, write its kept rows, commit it; a one-row table with the failure, if any."""
+    """Read one unit again, write its kept rows and commit it (unless committed before); one row with
+    the failure, if any, and the figures of the clusters whose kept document is in this unit."""
     unit = int(group["unit"][0].as_py())
     split = job.plan.units[unit]
-    if split.uid in job.committed:
-        return pa.table({"failure": [""]})
     node, kind = group["node"].to_numpy(), group["kind"].to_numpy()
+    _, sizes = np.unique(node[kind == KIND_ROOT], return_counts=True)
+    figures = {
+        "clusters": [len(sizes)],
+        "largest_cluster": [int(sizes.max()) + 1 if len(sizes) else 0],
+        "exact_groups": [len(np.unique(node[kind == KIND_EXACT_ROOT]))],
+    }
     ordinals = node & _ORDINALS
-    expected = int(ordinals[kind == KIND_UNIT][0])
     removed = dict.fromkeys(ordinals[kind == KIND_NEAR].tolist(), "removed_near")
     removed.update(dict.fromkeys(ordinals[kind == KIND_EXACT].tolist(), "removed_exact"))
-    try:
-        record = _write(job, unit, removed, expected)
-    except Exception as exc:  # reported by the job with the unit named; the rerun redoes this unit
-        return pa.table({"failure": [f"unit {split.key}: {type(exc).__name__}: {exc}"]})
-    return pa.table({"failure": [""] if record else ["no record"]})
+    failure = ""
+    if split.uid not in job.committed:
+        try:
+            _write(job, unit, removed, int(ordinals[kind == KIND_UNIT][0]))
+        except Exception as exc:  # named by the job with its unit; a rerun redoes this unit
+            failure = f"unit {split.key}: {type(exc).__name__}: {exc}"
+    return pa.table({"failure": [failure], **figures})
 
 
 def _write(job: Job, unit: int, removed: dict[int, str], expected: int) -> dict[str, Any]:
