@@ -124,3 +124,76 @@ def test_bad_input_is_counted_and_named_never_a_traceback(ray_cluster, tmp_path:
     (tmp_path / "out" / "_SUCCESS").unlink()
     code, _, log = dedup(ray_cluster.env, tmp_path / "out", tmp_path / "never")
     assert code == 2 and "has not finished" in log and not (tmp_path / "never").exists()
+
+
+def test_components_are_those_of_union_find_on_long_chains(ray_client) -> None:
+    """Star contraction on graphs whose buckets are not stars yet: chains, a ladder, random edges."""
+    import random
+
+    import numpy as np
+    import pyarrow as pa
+    import ray.data
+
+    from matrix_provider.dedup import graph
+
+    rng = random.Random(3)
+    edges = [(i + 1, i) for i in range(64)]  # one chain 0..64
+    edges += [(1000 + 2 * i + 2, 1000 + 2 * i) for i in range(100)] + [
+        (1000 + 2 * i + 1, 1000 + 2 * i) for i in range(100)
+    ]
+    edges += [tuple(sorted(rng.sample(range(2000, 2150), 2), reverse=True)) for _ in range(100)]
+    parent: dict[int, int] = {}
+
+    def find(x: int) -> int:
+        while parent.setdefault(x, x) != x:
+            x = parent[x]
+        return x
+
+    for a, b in edges:
+        ra, rb = find(a), find(b)
+        parent[max(ra, rb)] = min(ra, rb)
+    expected = {node: find(node) for node in parent if find(node) != node}
+    table = pa.table({"a": np.array([a for a, _ in edges]), "b": np.array([b for _, b in edges])})
+    for partitions in (1, 3):
+        stars = graph.components(ray.data.from_arrow(table).repartition(4), partitions)
+        assert {row["a"]: row["b"] for row in stars.take_all()} == expected
+
+
+DAG_RUN = """
+import json, sys
+import pendulum
+from airflow.sdk import DAG
+from airflow.models.xcom import XComModel
+from airflow.utils.session import create_session
+from sqlalchemy import select
+
+from matrix_provider.operators import MatrixDedupOperator
+
+with DAG("matrix_dedup_test", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False) as dag:
+    MatrixDedupOperator(
+        task_id="dedup", input_uri={src!r}, output_uri={out!r}, partitions=2, deferrable=True, poll_interval=1.0
+    )
+run = dag.test()
+with create_session() as session:
+    where = (XComModel.run_id == run.run_id, XComModel.key == "return_value")
+    xcom = session.scalars(select(XComModel).where(*where)).first()
+    manifest = XComModel.deserialize_value(xcom) if xcom else None
+runtime = sorted(m for m in sys.modules if m.startswith(("matrix_provider.runtime", "matrix_provider.dedup", "ray.")))
+print("REPORT " + json.dumps({{"state": str(run.state), "manifest": manifest, "runtime": runtime}}))
+"""
+
+
+def test_dedup_operator_runs_matrix_dedup_as_a_ray_job_in_a_dag(airflow_env, tmp_path: Path) -> None:
+    page = "A document that a crawl met twice, once with other line breaks, keeps one copy. " * 6
+    rows = [{"id": "a", "text": page}, {"id": "b", "text": page.replace(". ", ".\n")}, {"id": "c", "text": "Other."}]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "docs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    stdout = airflow_env.python(DAG_RUN.format(src=str(tmp_path / "in"), out=str(out)))
+    report = json.loads(stdout.split("REPORT ", 1)[1])
+    assert report["state"].endswith("success"), stdout[-3000:]
+    assert report["runtime"] == []  # the Airflow side talks to Ray over HTTP only
+    manifest = report["manifest"]
+    assert manifest["pipeline"] == "dedup" and manifest["ray_submission_id"].startswith("matrix-")
+    assert (manifest["rows_in"], manifest["rows_ok"], manifest["dedup"]["removed_exact"]) == (3, 2, 1)
+    assert (out / "_SUCCESS").exists() and sorted(kept_ids(out)) == ["a", "c"]
