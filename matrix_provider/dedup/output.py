@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from matrix_provider.runtime.encode import to_table
 from matrix_provider.runtime.lease import Lease, check_generation
-from matrix_provider.runtime.sink import META_FILE, SUCCESS_FILE, OutputError, OutputStore
+from matrix_provider.runtime.sink import META_FILE, SUCCESS_FILE, OutputStore
 from matrix_provider.runtime.sources import InputError, Split, open_fs
 
 
@@ -48,8 +48,6 @@ def claimed(target: Target, meta: dict[str, Any], overwrite: bool) -> Iterator[t
     with Lease(store, uuid.uuid4().hex[:8]) as lease:
         held = store.claim(meta, overwrite)
         yield Target(target.uri, target.storage_options, target.write_retries, lease.generation), held
-        if lease.lost:
-            raise OutputError(lease.lost)
 
 
 def committed(target: Target) -> dict[str, dict[str, Any]]:
@@ -106,6 +104,7 @@ def finish(target: Target, units: list[Split], manifest: dict[str, Any]) -> dict
     """Once every unit of `units` is committed: drop records of units no longer in the input, remove parts no
     record names, write `_manifest.json` and `_SUCCESS`. Returns the manifest with those counts."""
     store = target.store()
+    check_generation(store, target.generation)  # raises StaleRun when another run took the output over
     records = store.commit_records()
     planned = {u.uid for u in units}
     stale = [uid for uid in records if uid not in planned]

@@ -31,6 +31,7 @@ from matrix_provider.dedup import graph, inputs, output
 from matrix_provider.dedup.fingerprint import Fingerprinter
 from matrix_provider.dedup.params import DedupParams
 from matrix_provider.runtime.driver import reason_key
+from matrix_provider.runtime.lease import StaleRun
 from matrix_provider.runtime.sink import OutputError
 from matrix_provider.runtime.sources import InputError, open_fs
 from matrix_provider.runtime.spec import IOSpec
@@ -80,19 +81,22 @@ def run(
         "spec": params.as_dict(),
     }
     target = output.Target(output_uri, io.storage_options, io.write_retries)
-    with output.claimed(target, meta, overwrite) as (target, meta):
-        if meta["split_bytes"] != io.split_bytes:  # a resume cuts the units the output was started with
-            plan = inputs.plan(input_uri, io, meta["split_bytes"])
-        records = output.committed(target)
-        job = Job(plan, params, io, target, frozenset(u.uid for u in plan.units if u.uid in records))
-        figures = _on_ray(job, partitions)
-        records = output.committed(target)
-        missing = [u.key for u in plan.units if u.uid not in records]
-        if missing:
-            raise DedupFailed(f"{len(missing)} of {len(plan.units)} units were not committed (e.g. {missing[:3]})")
-        manifest = _manifest(job, [records[u.uid] for u in plan.units], figures)
-        manifest["wall_seconds"] = round(time.time() - started, 3)
-        return output.finish(target, list(plan.units), manifest)
+    try:
+        with output.claimed(target, meta, overwrite) as (target, meta):
+            if meta["split_bytes"] != io.split_bytes:  # a resume cuts the units the output was started with
+                plan = inputs.plan(input_uri, io, meta["split_bytes"])
+            records = output.committed(target)
+            job = Job(plan, params, io, target, frozenset(u.uid for u in plan.units if u.uid in records))
+            figures = _on_ray(job, partitions)
+            records = output.committed(target)
+            missing = [u.key for u in plan.units if u.uid not in records]
+            if missing:
+                raise DedupFailed(f"{len(missing)} of {len(plan.units)} units were not committed (e.g. {missing[:3]})")
+            manifest = _manifest(job, [records[u.uid] for u in plan.units], figures)
+            manifest["wall_seconds"] = round(time.time() - started, 3)
+            return output.finish(target, list(plan.units), manifest)
+    except StaleRun as exc:  # another run took the output over: nothing more of ours is committed
+        raise DedupFailed(str(exc)) from None
 
 
 def _absolute(uri: str, io: IOSpec) -> str:
