@@ -197,3 +197,24 @@ def test_dedup_operator_runs_matrix_dedup_as_a_ray_job_in_a_dag(airflow_env, tmp
     assert manifest["pipeline"] == "dedup" and manifest["ray_submission_id"].startswith("matrix-")
     assert (manifest["rows_in"], manifest["rows_ok"], manifest["dedup"]["removed_exact"]) == (3, 2, 1)
     assert (out / "_SUCCESS").exists() and sorted(kept_ids(out)) == ["a", "c"]
+
+
+def test_a_documents_keys_follow_datatrove_defaults() -> None:
+    from datatrove.pipeline.dedup.minhash import MinhashConfig
+
+    from matrix_provider.dedup.fingerprint import Fingerprinter, exact_key, shingles
+    from matrix_provider.dedup.params import DedupParams
+
+    params, theirs = DedupParams(), MinhashConfig()
+    assert (params.n_grams, params.num_buckets, params.hashes_per_bucket, params.seed) == (
+        theirs.n_grams,
+        theirs.num_buckets,
+        theirs.hashes_per_bucket,
+        theirs.seed,
+    )
+    text = "The Quick brown fox, in 2024, jumps over the lazy dog's back twice."
+    keys = list(Fingerprinter(params).keys(text))
+    assert len(keys) == 1 + params.num_buckets and [k[2] for k in keys].count(True) == 1
+    assert exact_key(text) == exact_key(text.replace(" ", "\n  ")) != exact_key(text.lower())
+    assert b"quick brown fox in 0" in shingles(text, 5)  # datatrove's simplify_text: case, digits, punctuation
+    assert list(Fingerprinter(params).keys("Four words only here")) == [(*exact_key("Four words only here"), True)]
