@@ -7,7 +7,7 @@
     matrix cluster status|down [--name NAME]
     matrix monitor [--name NAME]          write a Prometheus config for a cluster and start Prometheus
     matrix tau2-tasks --domains D[,D] [--trials N] [--limit N] --out FILE   input rows for `matrix run tau2`
-    matrix dedup --input URI --output URI [--partitions N] [--text-field F] [--no-exact|--no-near] ...
+    matrix dedup --input URI --output URI [--partitions N] [--cpus N] [--text-field F] [--no-exact|--no-near] ...
 
 Exit codes: 0 done, 2 bad spec/input/output/backend (nothing started), 1 the run failed.
 """
@@ -65,6 +65,7 @@ def _dedup_parser(dedup: argparse.ArgumentParser) -> None:
     )
     dedup.add_argument("--output", required=True, help="output folder for the kept rows; rerunning on it resumes")
     dedup.add_argument("--partitions", type=int, help="hash partitions of every shuffle [the cluster's CPUs]")
+    dedup.add_argument("--cpus", type=int, help="CPUs of the cluster the run may use at once [all]")
     dedup.add_argument("--text-field", default="text", help="the field holding the document [text]")
     dedup.add_argument("--id-field", default="id", help="the field holding its id [id; else its position]")
     dedup.add_argument("--no-exact", action="store_true", help="no exact (normalized text) dedup")
@@ -248,7 +249,8 @@ def cmd_dedup(args: argparse.Namespace) -> int:
             **{k: v for k, v in tuned.items() if v is not None},
         )
         io = IOSpec(text_field=args.text_field, id_field=args.id_field)
-        manifest = dedup.run(args.input, args.output, params, io, args.partitions, args.overwrite)
+        resources = dedup.Resources(args.partitions, args.cpus)
+        manifest = dedup.run(args.input, args.output, params, io, resources, args.overwrite)
     except dedup.USAGE_ERRORS as exc:
         return _fail(str(exc))
     except dedup.DedupFailed as exc:

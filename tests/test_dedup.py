@@ -42,7 +42,8 @@ def kept_ids(out: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def four_partitions(ray_cluster, planted: dedup_corpus.Corpus, tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("dedup") / "out4"
-    code, manifest, log = dedup(ray_cluster.env, planted.files[0].parent, out, "--partitions", "4")
+    # The session's cluster declares 8 CPUs on a 2-core machine: at most 2 tasks at once.
+    code, manifest, log = dedup(ray_cluster.env, planted.files[0].parent, out, "--partitions", "4", "--cpus", "2")
     assert code == 0, log[-4000:]
     return out, manifest
 
@@ -81,7 +82,7 @@ def test_same_kept_set_with_one_partition_and_a_rerun_resumes(ray_cluster, plant
     assert sorted(kept_ids(tmp_path / "out1")) == sorted(kept_ids(out4))
     assert manifest1["dedup"] | {"params": None} == manifest4["dedup"] | {"params": None}
     # A second run on a finished output redoes the clusters but rewrites nothing.
-    code, again, log = dedup(ray_cluster.env, planted.files[0].parent, out4, "--partitions", "2")
+    code, again, log = dedup(ray_cluster.env, planted.files[0].parent, out4, "--partitions", "2", "--cpus", "2")
     assert code == 0, log[-4000:]
     assert again["units_resumed"] == again["units"] and again["rows_resumed"] == planted.rows
     assert sorted(kept_ids(out4)) == sorted(kept_ids(tmp_path / "out1"))
@@ -103,7 +104,7 @@ def test_bad_input_is_counted_and_named_never_a_traceback(ray_cluster, tmp_path:
         json.dumps({"text": "A short one."}),
     ]
     (src / "docs.jsonl").write_text("\n".join(lines) + "\n")
-    code, manifest, log = dedup(ray_cluster.env, src, tmp_path / "out")
+    code, manifest, log = dedup(ray_cluster.env, src, tmp_path / "out", "--partitions", "1")
     assert code == 0, log[-4000:]
     assert "Traceback" not in log
     assert (manifest["rows_in"], manifest["rows_ok"], manifest["rows_error"]) == (6, 2, 3)
@@ -114,7 +115,7 @@ def test_bad_input_is_counted_and_named_never_a_traceback(ray_cluster, tmp_path:
     assert sorted(kept_ids(tmp_path / "out")) == ["a", "docs.jsonl@" + str(sum(len(x) + 1 for x in lines[:5]))]
     # A dedup's output is a committed output: read through its commit records, a stray part is not input.
     pq.write_table(pq.read_table(next((tmp_path / "out").glob("part-*.parquet"))), tmp_path / "out" / "part-x.parquet")
-    code, manifest, log = dedup(ray_cluster.env, tmp_path / "out", tmp_path / "again")
+    code, manifest, log = dedup(ray_cluster.env, tmp_path / "out", tmp_path / "again", "--partitions", "1")
     assert code == 0 and manifest["rows_in"] == 2 and manifest["rows_filtered"] == 0, log[-4000:]
 
     (tmp_path / "empty").mkdir()
@@ -171,7 +172,7 @@ from matrix_provider.operators import MatrixDedupOperator
 
 with DAG("matrix_dedup_test", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False) as dag:
     MatrixDedupOperator(
-        task_id="dedup", input_uri={src!r}, output_uri={out!r}, partitions=2, deferrable=True, poll_interval=1.0
+        task_id="dedup", input_uri={src!r}, output_uri={out!r}, partitions=1, deferrable=True, poll_interval=1.0
     )
 run = dag.test()
 with create_session() as session:

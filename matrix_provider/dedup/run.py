@@ -63,13 +63,24 @@ class Job:
     committed: frozenset[str]
 
 
+@dataclass(frozen=True)
+class Resources:
+    """How wide a run goes: hash partitions per shuffle [the cluster's CPUs], CPUs it may use [all]."""
+
+    partitions: int | None = None
+    cpus: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("partitions", "cpus"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+
 def run(
-    input_uri: str, output_uri: str, params: DedupParams, io: IOSpec, partitions: int | None, overwrite: bool
+    input_uri: str, output_uri: str, params: DedupParams, io: IOSpec, resources: Resources, overwrite: bool
 ) -> dict[str, Any]:
     """Dedup `input_uri` into `output_uri`; returns the manifest. USAGE_ERRORS come before any write."""
     started = time.time()
-    if partitions is not None and partitions < 1:
-        raise ValueError(f"partitions must be at least 1, got {partitions}")
     input_uri, output_uri = _absolute(input_uri, io), _absolute(output_uri, io)
     _check_not_inside(input_uri, output_uri, io)
     plan = inputs.plan(input_uri, io, io.split_bytes)  # fails on bad input before the output is touched
@@ -87,7 +98,7 @@ def run(
                 plan = inputs.plan(input_uri, io, meta["split_bytes"])
             records = output.committed(target)
             job = Job(plan, params, io, target, frozenset(u.uid for u in plan.units if u.uid in records))
-            figures = _on_ray(job, partitions)
+            figures = _on_ray(job, resources)
             records = output.committed(target)
             missing = [u.key for u in plan.units if u.uid not in records]
             if missing:
@@ -113,14 +124,17 @@ def _check_not_inside(input_uri: str, output_uri: str, io: IOSpec) -> None:
         raise OutputError(f"output {output_uri!r} is inside input {input_uri!r}: choose an output outside it")
 
 
-def _on_ray(job: Job, partitions: int | None) -> dict[str, int]:
+def _on_ray(job: Job, resources: Resources) -> dict[str, int]:
     from matrix_provider.runtime.job import connect_ray
 
     started_ray = connect_ray()
     try:
-        ray.data.DataContext.get_current().enable_progress_bars = False
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False
+        if resources.cpus:
+            context.execution_options.resource_limits = ray.data.ExecutionResources(cpu=resources.cpus)
         logging.getLogger("ray.data").setLevel(logging.WARNING)
-        return _stages(job, partitions or max(1, int(ray.cluster_resources().get("CPU", 1))))
+        return _stages(job, resources.partitions or max(1, int(ray.cluster_resources().get("CPU", 1))))
     except DedupFailed:
         raise
     except Exception as exc:  # a task's error comes wrapped in Ray's traceback: name its last line

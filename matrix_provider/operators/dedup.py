@@ -13,7 +13,13 @@ from typing import Any
 from matrix_provider.operators.outcome import AirflowException
 from matrix_provider.operators.pipeline import MatrixPipelineOperator, job_entrypoint, require_text, whole_numbers
 
-_TUNING = (("n_grams", "--n-grams"), ("num_buckets", "--buckets"), ("hashes_per_bucket", "--hashes-per-bucket"))
+_COUNTS = (
+    ("partitions", "--partitions"),
+    ("cpus", "--cpus"),
+    ("n_grams", "--n-grams"),
+    ("num_buckets", "--buckets"),
+    ("hashes_per_bucket", "--hashes-per-bucket"),
+)
 
 
 class MatrixDedupOperator(MatrixPipelineOperator):
@@ -22,6 +28,7 @@ class MatrixDedupOperator(MatrixPipelineOperator):
     :param input_uri: a committed matrix output, or a JSONL/Parquet file, folder or glob. Templated.
     :param output_uri: output folder for the kept rows; rerunning on it resumes. Templated.
     :param partitions: hash partitions of every shuffle (default: the cluster's CPUs). Templated.
+    :param cpus: CPUs of the cluster the job may use at once (default: all).
     :param text_field: the field holding the document. Templated.
     :param id_field: the field holding its id (rows without one are named by their position). Templated.
     :param exact: remove copies whose normalized text is identical.
@@ -48,6 +55,7 @@ class MatrixDedupOperator(MatrixPipelineOperator):
         input_uri: str,
         output_uri: str,
         partitions: int | str | None = None,
+        cpus: int | None = None,
         text_field: str = "text",
         id_field: str = "id",
         exact: bool = True,
@@ -59,6 +67,7 @@ class MatrixDedupOperator(MatrixPipelineOperator):
         **kwargs: Any,
     ) -> None:
         super().__init__(pipeline="dedup", input_uri=input_uri, output_uri=output_uri, partitions=partitions, **kwargs)
+        self.cpus = cpus
         self.text_field = text_field
         self.id_field = id_field
         self.exact = exact
@@ -70,17 +79,15 @@ class MatrixDedupOperator(MatrixPipelineOperator):
 
     def _check_arguments(self) -> None:
         require_text(self, ("input_uri", "output_uri", "ray_conn_id", "text_field", "id_field"))
-        whole_numbers(self, ("partitions", *(name for name, _ in _TUNING)))
+        whole_numbers(self, [name for name, _ in _COUNTS])
         if not (self.exact or self.near):
             raise AirflowException("exact and near are both False: the job would have nothing to do")
 
     def entrypoint(self) -> str:
         args = [self.matrix_command, "dedup", "--input", self.input_uri, "--output", self.output_uri]
         args += ["--text-field", self.text_field, "--id-field", self.id_field, "--manifest-json"]
-        if self.partitions is not None:
-            args += ["--partitions", str(self.partitions)]
         args += [flag for flag, off in (("--no-exact", not self.exact), ("--no-near", not self.near)) if off]
-        for name, flag in (*_TUNING, ("seed", "--seed")):
+        for name, flag in (*_COUNTS, ("seed", "--seed")):
             if getattr(self, name) is not None:
                 args += [flag, str(getattr(self, name))]
         if self.overwrite:
