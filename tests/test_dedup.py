@@ -160,21 +160,27 @@ def test_components_are_those_of_union_find_on_long_chains(ray_client) -> None:
         assert {row["a"]: row["b"] for row in stars.take_all()} == expected
 
 
-DAG_RUN = """
-import json, sys
+DAG_FILE = """
 import pendulum
 from airflow.sdk import DAG
+
+from matrix_provider.operators import MatrixDedupOperator
+
+with DAG("matrix_dedup_test", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False):
+    MatrixDedupOperator(
+        task_id="dedup", input_uri={src!r}, output_uri={out!r}, partitions=1, deferrable=True, poll_interval=1.0
+    )
+"""
+
+# Run as Airflow runs a DAG file (parsed from a folder, so serialized), then report the XCom value.
+DAG_RUN = """
+import json, sys
+from airflow.dag_processing.dagbag import DagBag
 from airflow.models.xcom import XComModel
 from airflow.utils.session import create_session
 from sqlalchemy import select
 
-from matrix_provider.operators import MatrixDedupOperator
-
-with DAG("matrix_dedup_test", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False) as dag:
-    MatrixDedupOperator(
-        task_id="dedup", input_uri={src!r}, output_uri={out!r}, partitions=1, deferrable=True, poll_interval=1.0
-    )
-run = dag.test()
+run = DagBag(dag_folder={folder!r}).get_dag("matrix_dedup_test").test()
 with create_session() as session:
     where = (XComModel.run_id == run.run_id, XComModel.key == "return_value")
     xcom = session.scalars(select(XComModel).where(*where)).first()
@@ -189,8 +195,10 @@ def test_dedup_operator_runs_matrix_dedup_as_a_ray_job_in_a_dag(airflow_env, tmp
     rows = [{"id": "a", "text": page}, {"id": "b", "text": page.replace(". ", ".\n")}, {"id": "c", "text": "Other."}]
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "docs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = tmp_path / "out"
-    stdout = airflow_env.python(DAG_RUN.format(src=str(tmp_path / "in"), out=str(out)))
+    out, dags = tmp_path / "out", tmp_path / "dags"
+    dags.mkdir()
+    (dags / "dedup_dag.py").write_text(DAG_FILE.format(src=str(tmp_path / "in"), out=str(out)))
+    stdout = airflow_env.python(DAG_RUN.format(folder=str(dags)))
     report = json.loads(stdout.split("REPORT ", 1)[1])
     assert report["state"].endswith("success"), stdout[-3000:]
     assert report["runtime"] == []  # the Airflow side talks to Ray over HTTP only
