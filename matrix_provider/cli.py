@@ -7,6 +7,7 @@
     matrix cluster status|down [--name NAME]
     matrix monitor [--name NAME]          write a Prometheus config for a cluster and start Prometheus
     matrix tau2-tasks --domains D[,D] [--trials N] [--limit N] --out FILE   input rows for `matrix run tau2`
+    matrix dedup --input URI --output URI [--partitions N] [--cpus N] [--text-field F] [--no-exact|--no-near] ...
 
 Exit codes: 0 done, 2 bad spec/input/output/backend (nothing started), 1 the run failed.
 """
@@ -54,7 +55,29 @@ def _parser() -> argparse.ArgumentParser:
     tasks.add_argument("--trials", type=int, default=1, help="rows per task (tau2's pass^k needs k trials)")
     tasks.add_argument("--limit", type=int, default=None, help="only the first N tasks of each domain")
     tasks.add_argument("--out", required=True, help="JSONL file to write: local path or s3://")
+    _dedup_parser(sub.add_parser("dedup", help="remove exact and near-duplicate documents (MinHash LSH) on Ray Data"))
     return parser
+
+
+def _dedup_parser(dedup: argparse.ArgumentParser) -> None:
+    dedup.add_argument(
+        "--input", required=True, help="a committed matrix output, or a JSONL/Parquet file, folder or glob"
+    )
+    dedup.add_argument("--output", required=True, help="output folder for the kept rows; rerunning on it resumes")
+    dedup.add_argument("--partitions", type=int, help="hash partitions of every shuffle [the cluster's CPUs]")
+    dedup.add_argument("--cpus", type=int, help="CPUs of the cluster the run may use at once [all]")
+    dedup.add_argument("--text-field", default="text", help="the field holding the document [text]")
+    dedup.add_argument("--id-field", default="id", help="the field holding its id [id; else its position]")
+    dedup.add_argument("--no-exact", action="store_true", help="no exact (normalized text) dedup")
+    dedup.add_argument("--no-near", action="store_true", help="no near-duplicate (MinHash) dedup")
+    defaults = "[datatrove's MinhashConfig default]"
+    dedup.add_argument("--n-grams", type=int, help=f"words per shingle {defaults}")
+    dedup.add_argument("--buckets", type=int, dest="num_buckets", help=f"LSH bands {defaults}")
+    dedup.add_argument("--hashes-per-bucket", type=int, help=f"MinHash values per band {defaults}")
+    dedup.add_argument("--seed", type=int, help=f"seed of the MinHash permutations {defaults}")
+    dedup.add_argument("--overwrite", action="store_true", help="replace an output written with other parameters")
+    dedup.add_argument("--quiet", action="store_true", help="no report")
+    dedup.add_argument("--manifest-json", action="store_true", help="print the manifest as one JSON line")
 
 
 def _name_args(parser: argparse.ArgumentParser) -> None:
@@ -210,16 +233,45 @@ def cmd_tau2_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dedup(args: argparse.Namespace) -> int:
+    from matrix_provider.dedup import report
+    from matrix_provider.dedup import run as dedup
+    from matrix_provider.dedup.params import DedupParams
+    from matrix_provider.runtime.spec import IOSpec
+
+    tuned = {k: getattr(args, k) for k in ("n_grams", "num_buckets", "hashes_per_bucket", "seed")}
+    try:
+        params = DedupParams(
+            text_field=args.text_field,
+            id_field=args.id_field,
+            exact=not args.no_exact,
+            near=not args.no_near,
+            **{k: v for k, v in tuned.items() if v is not None},
+        )
+        io = IOSpec(text_field=args.text_field, id_field=args.id_field)
+        resources = dedup.Resources(args.partitions, args.cpus)
+        manifest = dedup.run(args.input, args.output, params, io, resources, args.overwrite)
+    except dedup.USAGE_ERRORS as exc:
+        return _fail(str(exc))
+    except dedup.DedupFailed as exc:
+        return _fail(str(exc), 1)
+    if not args.quiet:
+        report.print_report(manifest)
+    if args.manifest_json:
+        print(MANIFEST_PREFIX + json.dumps(manifest), flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
-    unknown = [a for a in extra if a.startswith("-") or "=" not in a]
+    unknown = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if hasattr(args, "overrides"):
         args.overrides = [*args.overrides, *extra]
     handlers = {"run": cmd_run, "serve": cmd_serve, "status": cmd_status, "cluster": cmd_cluster}
-    handler = {**handlers, "monitor": cmd_monitor, "tau2-tasks": cmd_tau2_tasks}[args.command]
+    handler = {**handlers, "monitor": cmd_monitor, "tau2-tasks": cmd_tau2_tasks, "dedup": cmd_dedup}[args.command]
     return handler(args)
 
 

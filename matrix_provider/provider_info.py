@@ -20,6 +20,7 @@ def get_provider_info() -> dict[str, Any]:
             {
                 "integration-name": "Matrix on Ray",
                 "python-modules": [
+                    "matrix_provider.operators.dedup",
                     "matrix_provider.operators.pipeline",
                     "matrix_provider.operators.slurm_cluster",
                     "matrix_provider.operators.stop",

@@ -193,26 +193,13 @@ class MatrixPipelineOperator(BaseOperator):
 
     # -- checks and submission ------------------------------------------------------------------
     def _check_arguments(self) -> None:
-        for name in ("pipeline", "input_uri", "output_uri", "ray_conn_id"):
-            value = getattr(self, name)
-            if not isinstance(value, str) or not value.strip():
-                raise AirflowException(
-                    f"{name} rendered to an empty value ({value!r}); check its template and the variables it uses"
-                )
+        require_text(self, ("pipeline", "input_uri", "output_uri", "ray_conn_id"))
         if not self.pipeline.endswith((".yaml", ".yml")) and self.pipeline not in shipped_pipelines():
             raise AirflowException(
                 f"unknown pipeline {self.pipeline!r}: use one of {', '.join(shipped_pipelines())} "
                 "or the path of a spec YAML on the cluster"
             )
-        for name in ("partitions", "concurrency"):
-            value = getattr(self, name)
-            try:
-                number = int(value)
-            except (TypeError, ValueError):
-                raise AirflowException(f"{name} must be a whole number, got {value!r}") from None
-            if number < 1:
-                raise AirflowException(f"{name} must be at least 1, got {number}")
-            setattr(self, name, number)
+        whole_numbers(self, ("partitions", "concurrency"))
 
     def entrypoint(self) -> str:
         args = [
@@ -232,8 +219,7 @@ class MatrixPipelineOperator(BaseOperator):
         if self.overwrite:
             args.append("--overwrite")
         args += [f"{k}={v}" for k, v in self.overrides.items()]
-        # A fresh working dir: a job started beside Ray's temp folder would import it as `ray`.
-        return 'cd "$(mktemp -d)" && exec ' + shlex.join(args)
+        return job_entrypoint(args)
 
     def work_hash(self, try_number: int) -> str:
         """What the job does; any change in it names a new Ray job (so a clear reruns)."""
@@ -397,6 +383,36 @@ class MatrixPipelineOperator(BaseOperator):
         if self._submission_id:
             MatrixRayHook(self.ray_conn_id, cluster=self.cluster).stop(self._submission_id)
             self.log.info("stopped Ray job %s", self._submission_id)
+
+
+def job_entrypoint(args: list[str]) -> str:
+    """The Ray job's shell command. A fresh working dir: one beside Ray's temp folder would import it as `ray`."""
+    return 'cd "$(mktemp -d)" && exec ' + shlex.join(args)
+
+
+def require_text(operator: BaseOperator, names: Sequence[str]) -> None:
+    """Rendered string arguments must not be empty."""
+    for name in names:
+        value = getattr(operator, name)
+        if not isinstance(value, str) or not value.strip():
+            raise AirflowException(
+                f"{name} rendered to an empty value ({value!r}); check its template and the variables it uses"
+            )
+
+
+def whole_numbers(operator: BaseOperator, names: Sequence[str]) -> None:
+    """Rendered count arguments become ints of at least 1; None (left to the command's default) stays."""
+    for name in names:
+        value = getattr(operator, name)
+        if value is None:
+            continue
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            raise AirflowException(f"{name} must be a whole number, got {value!r}") from None
+        if number < 1:
+            raise AirflowException(f"{name} must be at least 1, got {number}")
+        setattr(operator, name, number)
 
 
 def _asset_uri(output: str) -> str:
