@@ -3,7 +3,7 @@ how many partitions a run uses.
 
 A folder of JSONL/Parquet is cut into units as `matrix run` cuts it (`runtime/sources.py`: files,
 byte ranges of big JSONL files, row-group ranges of big Parquet files), at a unit size fixed when
-the output is first written. A committed matrix output (it has `_matrix.json`) is read only through
+the output is first written. A committed matrix output (it has `_epochs/`) is read only through
 its commit records, and only its `ok` rows count as documents. A record's node id is its unit's
 index in the plan and its position in the unit: `unit << 32 | ordinal`, so the smallest node id of a
 cluster is its first document in input order.
@@ -18,16 +18,8 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from matrix_provider.dedup import output
-from matrix_provider.runtime.sources import (
-    InputError,
-    Record,
-    Split,
-    check_row,
-    list_inputs,
-    open_fs,
-    plan_units,
-    read_unit,
-)
+from matrix_provider.runtime.records import Record, Split, check_row
+from matrix_provider.runtime.sources import InputError, list_inputs, open_fs, plan_units, read_unit
 from matrix_provider.runtime.spec import IOSpec
 
 ORDINAL_BITS = 32

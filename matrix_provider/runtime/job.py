@@ -32,11 +32,11 @@ from matrix_provider import __version__
 from matrix_provider.llm import backends
 from matrix_provider.runtime import names
 from matrix_provider.runtime.actors import ActorInitFailed, RunActors
-from matrix_provider.runtime.lease import Holder, Lease, StaleRun
+from matrix_provider.runtime.lease import Lease, StaleRun, take_output
 from matrix_provider.runtime.pipeline import Pipeline, load_pipeline
 from matrix_provider.runtime.progress import Reporter, print_summary
 from matrix_provider.runtime.records import Split
-from matrix_provider.runtime.sink import OutputError, OutputStore, PartMissing
+from matrix_provider.runtime.sink import OutputError, OutputIncomplete, OutputStore, PartMissing
 from matrix_provider.runtime.sources import InputChanged, InputError, list_inputs, open_fs, plan_units, split_size
 from matrix_provider.runtime.spec import PipelineSpec, SpecError
 from matrix_provider.runtime.summary import sum_counts
@@ -164,43 +164,16 @@ def run(spec: PipelineSpec, *, quiet: bool = False) -> dict[str, Any]:
         "split_bytes": split_size(files, spec.io, spec.run.partitions),
         "spec": spec.model_dump(mode="json", exclude={"run"}),
     }
-    run_id = uuid.uuid4().hex[:8]
-    lease = Lease(store, run_id, spec.io.lease_ttl_s)
-    lease.acquire(lambda holder, generation: choose_epoch(store, holder, generation, meta, spec.run.overwrite))
+    lease, epoch_meta = take_output(store, uuid.uuid4().hex[:8], meta, spec.run.overwrite, spec.io.lease_ttl_s)
     try:
-        manifest = _run_epoch(spec, pipeline, store, lease, fs, files, meta, quiet, started)
-    except StaleRun as exc:
+        manifest = _run_epoch(spec, pipeline, store, lease, fs, files, epoch_meta, quiet, started)
+    except (StaleRun, PartMissing, OutputIncomplete) as exc:
         raise RunFailed(str(exc)) from None
     finally:
         lease.release()
     if not quiet:
         print_summary(manifest)
     return manifest
-
-
-def choose_epoch(
-    store: OutputStore, holder: Holder | None, generation: int, meta: dict[str, Any], overwrite: bool
-) -> int:
-    """The content epoch a run writes: its predecessor's when the config is the same (a resume), a new
-    one (this run's generation) on a fresh output or with `--overwrite`; a different config without
-    `--overwrite` is refused. Reads only: the lease is not taken yet."""
-    previous = store.read_epoch(holder.epoch) if holder is not None and holder.epoch is not None else None
-    if previous is None:
-        if store.legacy_layout() and not overwrite:
-            raise OutputError(
-                f"output {store.uri!r} was written by matrix-provider 0.1 (a `_matrix.json` output): "
-                "use a new output or pass --overwrite"
-            )
-        return generation
-    if overwrite:
-        return generation
-    if previous.get("config_hash") != meta["config_hash"]:
-        raise OutputError(
-            f"output {store.uri!r} holds a run of a different config "
-            f"(pipeline {previous.get('pipeline')!r}, config_hash {previous.get('config_hash')}; "
-            f"this run is {meta['config_hash']}): use a new output or pass --overwrite"
-        )
-    return int(holder.epoch)  # type: ignore[union-attr,arg-type]
 
 
 def _run_epoch(
@@ -210,16 +183,11 @@ def _run_epoch(
     lease: Lease,
     fs: Any,
     files: list[Split],
-    meta: dict[str, Any],
+    epoch_meta: dict[str, Any],
     quiet: bool,
     started: float,
 ) -> dict[str, Any]:
     """Everything a run does while it holds the lease: plan, run what is not committed, finish."""
-    epoch_meta = store.read_epoch(lease.epoch)
-    if epoch_meta is None:  # a new epoch (or one whose opener died before recording it)
-        store.create_epoch(lease.epoch, meta, lease.check)
-        epoch_meta = store.read_epoch(lease.epoch) or meta
-    store.unmark(lease.check)
     # On a resume the stored unit size wins over this run's, so the units are the same.
     units = plan_units(fs, files, epoch_meta["split_bytes"])
     records = store.unit_records(lease.epoch)
@@ -230,41 +198,15 @@ def _run_epoch(
         extra = _run_units(spec, pipeline, store, lease, todo, records, quiet)
     lease.check()
     manifest = summarize(spec, pipeline, units, records, resumed)
-    manifest.update(extra, epoch=lease.epoch, generation=lease.generation, config_hash=meta["config_hash"])
+    manifest.update(extra, epoch=lease.epoch, generation=lease.generation, config_hash=epoch_meta["config_hash"])
     planned = {u.uid: records[u.uid] for u in units}
     manifest["units_dropped"] = len(records) - len(planned)
-    manifest.update(_finish_output(store, lease, planned))
+    manifest["orphans_removed"] = store.complete(lease.epoch, planned, lease.check)
     manifest.update(wall_seconds=round(time.time() - started, 3), run_id=lease.run_id)
     manifest["tokens_per_s"] = round(manifest.pop("run_tokens") / max(manifest["wall_seconds"], 1e-9), 2)
     store.finish(manifest, lease.check)
     lease.check()  # a takeover while the output was being finished shows here: the run fails
     return manifest
-
-
-def _finish_output(store: OutputStore, lease: Lease, planned: dict[str, dict[str, Any]]) -> dict[str, int]:
-    """Publish what a dead driver left staged, sweep what no planned unit uses, check every part.
-
-    The sweep lists first and deletes after the fence, so it can only delete what existed while
-    this run still held the output. Units no longer in the input (a file removed or edited) leave
-    with their parts: after `_SUCCESS` the output mirrors this run's input exactly.
-    """
-    unpublished = set(store.missing_parts(planned))  # one listing; a resume with nothing to do finds none
-    for record in planned.values():
-        if not unpublished.intersection(p["name"] for p in record["parts"]):
-            continue
-        try:
-            store.publish(lease.epoch, record, lease.check)
-        except PartMissing as exc:
-            lease.check()
-            store.remove([store.path(f"_commits/{lease.epoch:08d}/{record['unit_id']}.json")])
-            raise RunFailed(f"unit {record['unit']}: {exc}; its commit record was dropped: rerun to redo it") from None
-    garbage = store.garbage(lease.epoch, planned)
-    lease.check()
-    store.remove(garbage)
-    missing = store.missing_parts(planned)
-    if missing:
-        raise RunFailed(f"{len(missing)} committed parts are missing from the output (e.g. {missing[:3]}); rerun")
-    return {"orphans_removed": len(garbage)}
 
 
 @contextmanager

@@ -185,3 +185,49 @@ class Lease:
             except StaleRun:
                 return
             self.store.put(_generation_name(self.generation), json.dumps({**self._record, "released": True}).encode())
+
+
+def choose_epoch(
+    store: OutputStore, holder: Holder | None, generation: int, meta: dict[str, Any], overwrite: bool
+) -> int:
+    """The content epoch a run writes: its predecessor's when the config is the same (a resume), a new
+    one (this run's generation) on a fresh output or with `--overwrite`; a different config without
+    `--overwrite` is refused. Reads only: the lease is not taken yet."""
+    previous = store.read_epoch(holder.epoch) if holder is not None and holder.epoch is not None else None
+    if previous is None:
+        if store.legacy_layout() and not overwrite:
+            raise OutputError(
+                f"output {store.uri!r} was written by matrix-provider 0.1 (a `_matrix.json` output): "
+                "use a new output or pass --overwrite"
+            )
+        return generation
+    if overwrite:
+        return generation
+    if previous.get("config_hash") != meta["config_hash"]:
+        raise OutputError(
+            f"output {store.uri!r} holds a run of a different config "
+            f"(pipeline {previous.get('pipeline')!r}, config_hash {previous.get('config_hash')}; "
+            f"this run is {meta['config_hash']}): use a new output or pass --overwrite"
+        )
+    return int(holder.epoch)  # type: ignore[union-attr,arg-type]
+
+
+def take_output(
+    store: OutputStore, run_id: str, meta: dict[str, Any], overwrite: bool, ttl_s: float = DEFAULT_TTL_S
+) -> tuple[Lease, dict[str, Any]]:
+    """Take the output for a run of the config `meta` describes (`config_hash`, `split_bytes`, ...):
+    the lease, the epoch it writes opened (a new one recorded) or resumed, `_SUCCESS` and the manifest
+    removed. Returns the lease (release it when the run ends) and the epoch's meta, whose unit size
+    wins on a resume. Shared by `matrix run` and `matrix dedup`."""
+    lease = Lease(store, run_id, ttl_s)
+    lease.acquire(lambda holder, generation: choose_epoch(store, holder, generation, meta, overwrite))
+    try:
+        epoch_meta = store.read_epoch(lease.epoch)
+        if epoch_meta is None:  # a new epoch (or one whose opener died before recording it)
+            store.create_epoch(lease.epoch, meta, lease.check)
+            epoch_meta = store.read_epoch(lease.epoch) or meta
+        store.unmark(lease.check)
+    except BaseException:
+        lease.release()
+        raise
+    return lease, epoch_meta

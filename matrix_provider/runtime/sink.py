@@ -62,6 +62,10 @@ class PartMissing(RuntimeError):
     """A part a commit record names is neither published nor staged (deleted by hand or by power loss)."""
 
 
+class OutputIncomplete(RuntimeError):
+    """Committed parts are missing from a finished output: it must not be marked done."""
+
+
 def _no_fence() -> None:
     return None
 
@@ -364,6 +368,37 @@ class OutputStore:
         found += [self.path(f"{commits}/{n}") for n in self.subfolders(commits)]
         found += [self.path(f"{EPOCHS_DIR}/{n}") for n in self.listing(EPOCHS_DIR) if n != f"{current}.json"]
         return found
+
+    def complete(self, epoch: int, planned: dict[str, dict[str, Any]], fence: Fence) -> int:
+        """Make a fully committed output whole: publish what a dead writer left staged, sweep what
+        no planned unit's record uses, and check that every part a record names is there; returns
+        how many paths the sweep removed.
+
+        The sweep lists first and deletes after the fence, so it can only delete what existed while
+        this run still held the output. Units no longer in the input (a file removed or edited) leave
+        with their parts: the output then mirrors this run's input exactly. A record whose part is
+        gone is dropped (PartMissing), so a rerun redoes its unit.
+        """
+        unpublished = set(self.missing_parts(planned))  # one listing; a resume with nothing to do finds none
+        for record in planned.values():
+            if not unpublished.intersection(p["name"] for p in record["parts"]):
+                continue
+            try:
+                self.publish(epoch, record, fence)
+            except PartMissing as exc:
+                fence()
+                self.remove([self.path(f"{COMMITS_DIR}/{_epoch_dir(epoch)}/{record['unit_id']}.json")])
+                why = f"unit {record['unit']}: {exc}; its commit record was dropped: rerun to redo it"
+                raise PartMissing(why) from None
+        garbage = self.garbage(epoch, planned)
+        fence()
+        self.remove(garbage)
+        missing = self.missing_parts(planned)
+        if missing:
+            raise OutputIncomplete(
+                f"{len(missing)} committed parts are missing from output {self.uri!r} (e.g. {missing[:3]}); rerun"
+            )
+        return len(garbage)
 
     def missing_parts(self, records: dict[str, dict[str, Any]]) -> list[str]:
         """Parts the records name that are not published (checked before `_SUCCESS`)."""
