@@ -115,10 +115,12 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster
     ]
     workdir = tmp_path_factory.mktemp("raycwd")  # never start jobs beside Ray's temp dir
     token = ensure_token(env)
-    subprocess.run(cmd, check=True, env=env, cwd=workdir, capture_output=True, timeout=180)
     run_env = {**env, "RAY_ADDRESS": f"127.0.0.1:{gcs_port}"}
-    wait_port(dash_port)
     try:
+        # A head that fails to come up (its raylet gave up on a slow machine) leaves its GCS and
+        # dashboard running: the finally below ends them too.
+        subprocess.run(cmd, check=True, env=env, cwd=workdir, capture_output=True, timeout=180)
+        wait_port(dash_port)
         yield RayCluster(f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dash_port}", serve_port, token, run_env)
     finally:
         _kill_cluster(gcs_port)
