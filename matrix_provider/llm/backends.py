@@ -93,8 +93,9 @@ def deploy(spec: Any) -> ClientConfig:
             f"backend {spec.backend!r} needs its engine installed on the cluster: {_cause(exc)}"
         ) from None
     except (RuntimeError, ray.exceptions.RayError) as exc:
+        reason = _failure_detail(name, exc)
         serve.delete(name)  # nothing half-deployed keeps restarting engines
-        raise BackendError(f"backend {spec.backend!r} did not start: {engine_reason(_cause(exc))}") from None
+        raise BackendError(f"backend {spec.backend!r} did not start: {reason}") from None
     return client_config(spec, (f"http://127.0.0.1:{serve_port()}/{name}/v1",))
 
 
@@ -103,12 +104,32 @@ def _cause(exc: BaseException) -> BaseException:
     return getattr(exc, "cause", None) or exc
 
 
-def engine_reason(exc: BaseException, limit: int = 600) -> str:
-    """The engine's own words from a failed deploy: Serve's message ends with the replica's traceback,
-    whose last `SomeError: ...` line says what went wrong (vLLM's config check, a missing model)."""
-    text = str(exc)
-    errors = [line.strip() for line in text.splitlines() if _ERROR_LINE.match(line.strip())]
-    return (errors[-1] if errors else text.strip().splitlines()[-1] if text.strip() else repr(exc))[:limit]
+def engine_reason(text: str, limit: int = 600) -> str:
+    """The engine's own words in a traceback: its last `SomeError: ...` line and the lines that
+    continue it (pydantic puts vLLM's config complaint on the next line), without pydantic's tail."""
+    lines = [line.strip() for line in text.splitlines()]
+    starts = [i for i, line in enumerate(lines) if _ERROR_LINE.match(line)]
+    if not starts:
+        return next((line for line in reversed(lines) if line), text)[:limit]
+    parts = [lines[starts[-1]]]
+    for line in lines[starts[-1] + 1 :]:
+        if not line or line.startswith(("File ", "For further information")) or _ERROR_LINE.match(line):
+            break
+        parts.append(line)
+    return re.sub(r"\s*\[type=.*", "", " ".join(parts))[:limit]
+
+
+def _failure_detail(name: str, exc: BaseException) -> str:
+    """Why a deploy failed: Serve's app message says only which deployment; its own message holds
+    the replica's traceback."""
+    from ray import serve
+
+    try:
+        deployments = serve.status().applications[name].deployments.values()
+    except Exception:  # the app is gone already
+        deployments = []
+    messages = [d.message for d in deployments if d.message]
+    return engine_reason("\n".join(messages) or str(_cause(exc)))
 
 
 def _reason(resp: httpx.Response) -> str:
