@@ -90,6 +90,20 @@ def ensure_token(env: dict[str, str]) -> str:
     return token_file.read_text().strip()
 
 
+def _start_head(cmd: list[str], env: dict[str, str], workdir: Path, gcs_port: int, tries: int = 3) -> None:
+    """`ray start --head`, tried again when it fails: on a loaded machine its raylet gives up after
+    15 s without the metrics agent's port ("Timed out waiting for file ... metrics_agent_port"). A
+    failed start leaves its GCS and dashboard running; they are ended before the next try."""
+    for attempt in range(1, tries + 1):
+        try:
+            subprocess.run(cmd, check=True, env=env, cwd=workdir, capture_output=True, timeout=180)
+            return
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
+            _kill_cluster(gcs_port)
+            if attempt == tries:
+                raise
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
     gcs_port, dash_port = free_port(), free_port()
@@ -117,9 +131,7 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster
     token = ensure_token(env)
     run_env = {**env, "RAY_ADDRESS": f"127.0.0.1:{gcs_port}"}
     try:
-        # A head that fails to come up (its raylet gave up on a slow machine) leaves its GCS and
-        # dashboard running: the finally below ends them too.
-        subprocess.run(cmd, check=True, env=env, cwd=workdir, capture_output=True, timeout=180)
+        _start_head(cmd, env, workdir, gcs_port)
         wait_port(dash_port)
         yield RayCluster(f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dash_port}", serve_port, token, run_env)
     finally:
