@@ -232,7 +232,8 @@ def cmd_vllm_weights(args: argparse.Namespace) -> int:
         except OSError as exc:
             return _fail(f"cannot run {args.python} ({exc.strerror}): build the vLLM venv with `make vllm-env`")
         if done.returncode != 0:
-            return _fail(f"converting {gguf} failed: {done.stderr.strip().splitlines()[-1:]}", 1)
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            return _fail(f"converting {gguf} failed: {last}", 1)
     print(dest)
     return 0
 
