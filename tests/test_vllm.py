@@ -138,6 +138,20 @@ def _assert_engine_counted(app: VLLMApp, before: tuple[float, float], manifest: 
     assert seen == expected, f"vLLM counted {seen}, the manifest (plus one probe) says {expected}"
 
 
+def test_the_weights_made_from_the_gguf_answer_and_are_made_once(vllm: VLLMApp) -> None:
+    """Tied embeddings stored under vLLM's name: without them vLLM would emit token 0 forever."""
+    body = {"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "What is 2+2?"}]}
+    answer = httpx.post(f"{vllm.endpoint}/chat/completions", json={**body, "max_tokens": 16}, timeout=300).json()
+    assert "4" in answer["choices"][0]["message"]["content"], answer
+    started = time.monotonic()
+    again = run_matrix(["vllm-weights", "--python", "/nonexistent/python"], vllm.env)  # cached: no conversion
+    assert again.returncode == 0 and time.monotonic() - started < 60, again.stderr[-2000:]
+    folder = Path(again.stdout.strip().splitlines()[-1])
+    with (folder / "model.safetensors").open("rb") as weights:  # safetensors: 8-byte length, JSON header
+        header = json.loads(weights.read(int.from_bytes(weights.read(8), "little")))
+    assert header["model.embed_tokens.weight"]["dtype"] == "BF16" and "lm_head.weight" not in header
+
+
 def test_natural_reasoning_on_vllm_and_its_token_counts(vllm: VLLMApp, tmp_path: Path) -> None:
     src = write_jsonl(tmp_path / "in" / "docs.jsonl", 4)
     before = vllm.settled_tokens()
