@@ -50,7 +50,7 @@ TWO_REPLICAS = [
     "llm.min_replicas=2",
     "llm.max_replicas=2",
     "++llm.engine_env.VLLM_CPU_OMP_THREADS_BIND=nobind",
-    "++llm.engine_env.OMP_NUM_THREADS=1",
+    "++llm.engine_env.OMP_NUM_THREADS='1'",
 ]
 
 

@@ -37,6 +37,8 @@ from tests.conftest import (
 )
 from tests.corpus import doc_text, write_jsonl
 
+# The module's deployment loads two engines (~210-260 s on a busy 2-core machine) in its first test's setup.
+pytestmark = pytest.mark.timeout(1200)
 VLLM_PY = REPO / ".venv-vllm" / "bin" / "python"
 APP = "test-vllm"
 LLM = ["llm=vllm_cpu", f"llm.app_name={APP}", f"llm.python={VLLM_PY}", "llm.min_replicas=2", "llm.max_replicas=2"]
