@@ -56,6 +56,7 @@ def test_vllm_cpu_config_asks_for_cpu_bundles_its_env_and_the_router() -> None:
     )
     config = LLMConfig(**llm_config_dict(spec))
     assert config.placement_group_config == {"bundles": [{"CPU": 2.0}]}
+    assert config.deployment_config["ray_actor_options"] == {"num_cpus": 0}  # the bundle is the replica's share
     assert config.runtime_env == {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1"}}
     assert config.deployment_config["request_router_config"]["request_router_class"] == ROUND_ROBIN_ROUTER
     assert config.callback_config.callback_class.endswith("LocalWeights")  # local weights: no download task

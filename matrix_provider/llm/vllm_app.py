@@ -62,7 +62,10 @@ def llm_config_dict(spec: VLLMSpec) -> dict[str, Any]:
         config["callback_config"] = {"callback_class": f"{__name__}.LocalWeights"}
     if spec.device == "cpu":
         # CPU-only bundles make Ray Serve LLM choose its CPU accelerator config (vLLM's CPU backend).
+        # The replica actor only relays to its engine worker: without its own CPU a replica reserves
+        # `num_cpus`, not one more (Serve merges the actor's CPU into the bundle), so two fit on 2 cores.
         config["placement_group_config"] = {"bundles": [{"CPU": max(spec.num_cpus, 1.0)}]}
+        config["deployment_config"]["ray_actor_options"] = {"num_cpus": 0}
     if spec.engine_env:
         config["runtime_env"] = {"env_vars": dict(spec.engine_env)}
     if spec.accelerator_type:
