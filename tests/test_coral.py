@@ -18,6 +18,7 @@ from matrix_provider.llm.client import Completion
 from matrix_provider.pipelines.coral import PIPELINE, CoralOrchestrator, same_answer
 from matrix_provider.protocol import parse_manifest
 from matrix_provider.runtime.pipeline import output_row
+from matrix_provider.runtime.roles import RowError
 from matrix_provider.runtime.spec import RoleSpec
 from tests.conftest import REPO, assert_exactly_once, read_manifest, read_output, run_matrix
 
@@ -214,3 +215,22 @@ def test_embedded_smollm2_discusses_two_questions(ray_cluster, tmp_path: Path) -
         else:  # a small model may still cut its JSON off: the row says so, the run goes on
             assert "max_tokens" in row["error"] or "JSON" in row["error"], row["error"]
     print(f"\ncoral embedded: {manifest['summary']}; rows: {[(r['answer_a'], r['answer_b'], r['gold']) for r in rows]}")
+
+
+def test_a_failed_extract_waits_for_its_sibling_so_the_row_counts_every_token() -> None:
+    """One agent's answer is cut off at once, the other's comes later: the row must carry both calls'
+    tokens (vLLM counted a call that was still out when the row was reported)."""
+
+    class OneBrokenLLM:
+        async def chat(self, messages: list[dict[str, Any]], **kw: Any) -> Completion:
+            if "Alice" in messages[-1]["content"]:
+                return Completion('{"answer": "1', prompt_tokens=10, completion_tokens=5, finish_reason="length")
+            await asyncio.sleep(0.2)
+            return Completion('{"answer": "18"}', prompt_tokens=10, completion_tokens=5, finish_reason="stop")
+
+    extract = PIPELINE.roles["extract"]("extract", RoleSpec(), {}, OneBrokenLLM())
+    msg = CoralOrchestrator(id="q1", partition=0, delivery=1, deadline=time.time() + 60, row=QUESTION)
+    msg.history = [{"role": "agent_a", "content": "Alice says 18."}, {"role": "agent_b", "content": "Bob: 18."}]
+    with pytest.raises(RowError, match="cut off at max_tokens"):
+        asyncio.run(extract.run(msg))
+    assert msg.usage == {"prompt_tokens": 20, "completion_tokens": 10}

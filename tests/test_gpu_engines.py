@@ -1,12 +1,15 @@
-"""vLLM and SGLang cannot run here (no GPU): check the Serve configuration we generate for them."""
+"""The Serve configuration we generate for vLLM on GPUs and for SGLang (neither runs here; vLLM's CPU
+build does, in tests/test_vllm.py), and how a failed engine start is reported."""
 
 from __future__ import annotations
 
 import sys
 
-from matrix_provider.llm.gpu_engines import llm_config_dict, sglang_deployment_options
+from matrix_provider.llm.backends import engine_reason
 from matrix_provider.llm.serve_apps import sglang_command
+from matrix_provider.llm.sglang_app import sglang_deployment_options
 from matrix_provider.llm.spec import SGLangSpec, VLLMSpec
+from matrix_provider.llm.vllm_app import CONSISTENT_HASH_ROUTER, ROUND_ROBIN_ROUTER, llm_config_dict
 from tests.conftest import run_matrix
 from tests.corpus import write_jsonl
 
@@ -34,6 +37,46 @@ def test_vllm_config_is_a_valid_ray_serve_llm_config() -> None:
     assert config.accelerator_type == "A100"
     autoscaling = config.deployment_config["autoscaling_config"]
     assert autoscaling == {"min_replicas": 1, "max_replicas": 8}
+    assert config.deployment_config["request_router_config"]["request_router_class"] == CONSISTENT_HASH_ROUTER
+    assert config.placement_group_config is None and config.runtime_env is None  # Ray picks the GPU bundles
+
+
+def test_vllm_cpu_config_asks_for_cpu_bundles_its_env_and_the_router() -> None:
+    from ray.llm._internal.serve.core.configs.llm_config import LLMConfig
+
+    spec = VLLMSpec(
+        backend="vllm",
+        model="smol",
+        model_source="/weights/smol",
+        device="cpu",
+        num_cpus=2,
+        routing="round_robin",
+        engine_env={"VLLM_CPU_KVCACHE_SPACE": "1"},
+        python="venv/bin/python",
+    )
+    config = LLMConfig(**llm_config_dict(spec))
+    assert config.placement_group_config == {"bundles": [{"CPU": 2.0}]}
+    assert config.deployment_config["ray_actor_options"] == {"num_cpus": 0}  # the bundle is the replica's share
+    assert config.runtime_env == {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1"}}
+    assert config.deployment_config["request_router_config"]["request_router_class"] == ROUND_ROBIN_ROUTER
+    assert config.callback_config.callback_class.endswith("LocalWeights")  # local weights: no download task
+    assert spec.python.startswith("/") and spec.python.endswith("venv/bin/python")
+
+
+def test_a_failed_engine_start_is_reported_in_the_engines_own_words() -> None:
+    serve_message = """The deployment failed to start 1 times in a row. Error:
+Traceback (most recent call last):
+  File "arg_utils.py", line 1809, in create_model_config
+    return ModelConfig(
+pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig
+  Value error, User-specified max_model_len (100000) is greater than the derived max_model_len. [type=value_error]
+    For further information visit https://errors.pydantic.dev/2.14/v/value_error"""
+    assert engine_reason(serve_message) == (
+        "pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig Value error, "
+        "User-specified max_model_len (100000) is greater than the derived max_model_len."
+    )
+    assert engine_reason("RuntimeError: engine core died\n") == "RuntimeError: engine core died"
+    assert engine_reason("no error line here\nlast words") == "last words"
 
 
 def test_sglang_replica_runs_its_own_server_with_our_parallelism() -> None:

@@ -10,6 +10,7 @@ at once with one message.
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 import httpx
@@ -26,6 +27,7 @@ from matrix_provider.llm.spec import (
 )
 
 DEFAULT_SERVE_PORT = 8000
+_ERROR_LINE = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Exit)|AssertionError)(\(.*\))?: \S")
 
 
 class BackendError(RuntimeError):
@@ -44,7 +46,7 @@ def build_app(spec: Any) -> Any:
     """The Serve application for a served backend (not yet running)."""
     from ray.serve.schema import LoggingConfig
 
-    from matrix_provider.llm import gpu_engines, serve_apps
+    from matrix_provider.llm import serve_apps, sglang_app
 
     options = {
         "num_replicas": spec.replicas,
@@ -56,8 +58,8 @@ def build_app(spec: Any) -> Any:
         return serve_apps.EmbeddedServer.options(name="embedded", **options).bind(payload)
     if isinstance(spec, AzureOpenAISpec | GeminiSpec):
         return serve_apps.ProxyServer.options(name=spec.backend, **options).bind(payload)
-    if isinstance(spec, VLLMSpec | SGLangSpec):
-        return gpu_engines.build_openai_app(spec)
+    if isinstance(spec, SGLangSpec):
+        return sglang_app.build_app(spec)
     raise BackendError(f"backend {spec.backend!r} is not served by matrix")
 
 
@@ -70,16 +72,64 @@ def deploy(spec: Any) -> ClientConfig:
         from matrix_provider.llm.sim_server import deploy_sim
 
         return client_config(spec, deploy_sim(spec, name))
+    import ray
     from ray import serve
+
+    from matrix_provider.llm import vllm_app
 
     if _running(name):
         return client_config(spec, (f"http://127.0.0.1:{serve_port()}/{name}/v1",))
+    problem = vllm_app.missing_weights(spec) if isinstance(spec, VLLMSpec) else None
+    if problem:
+        raise BackendError(problem)
     serve.start(http_options={"host": "127.0.0.1", "port": serve_port()})
     try:
-        serve.run(build_app(spec), name=name, route_prefix=f"/{name}")
+        if isinstance(spec, VLLMSpec):  # built where vLLM is installed: see vllm_app
+            vllm_app.deploy(spec, name, f"/{name}")
+        else:
+            serve.run(build_app(spec), name=name, route_prefix=f"/{name}")
     except ImportError as exc:
-        raise BackendError(f"backend {spec.backend!r} needs its engine installed on the cluster: {exc}") from None
+        raise BackendError(
+            f"backend {spec.backend!r} needs its engine installed on the cluster: {_cause(exc)}"
+        ) from None
+    except (RuntimeError, ray.exceptions.RayError) as exc:
+        reason = _failure_detail(name, exc)
+        serve.delete(name)  # nothing half-deployed keeps restarting engines
+        raise BackendError(f"backend {spec.backend!r} did not start: {reason}") from None
     return client_config(spec, (f"http://127.0.0.1:{serve_port()}/{name}/v1",))
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """The exception a Ray task raised, not Ray's wrapper (whose text holds the whole traceback)."""
+    return getattr(exc, "cause", None) or exc
+
+
+def engine_reason(text: str, limit: int = 600) -> str:
+    """The engine's own words in a traceback: its last `SomeError: ...` line and the lines that
+    continue it (pydantic puts vLLM's config complaint on the next line), without pydantic's tail."""
+    lines = [line.strip() for line in text.splitlines()]
+    starts = [i for i, line in enumerate(lines) if _ERROR_LINE.match(line)]
+    if not starts:
+        return next((line for line in reversed(lines) if line), text)[:limit]
+    parts = [lines[starts[-1]]]
+    for line in lines[starts[-1] + 1 :]:
+        if not line or line.startswith(("File ", "For further information")) or _ERROR_LINE.match(line):
+            break
+        parts.append(line)
+    return re.sub(r"\s*\[type=.*", "", " ".join(parts))[:limit]
+
+
+def _failure_detail(name: str, exc: BaseException) -> str:
+    """Why a deploy failed: Serve's app message says only which deployment; its own message holds
+    the replica's traceback."""
+    from ray import serve
+
+    try:
+        deployments = serve.status().applications[name].deployments.values()
+    except Exception:  # the app is gone already
+        deployments = []
+    messages = [d.message for d in deployments if d.message]
+    return engine_reason("\n".join(messages) or str(_cause(exc)))
 
 
 def _reason(resp: httpx.Response) -> str:

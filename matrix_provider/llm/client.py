@@ -2,7 +2,8 @@
 
 It balances over the endpoints of a backend with rendezvous hashing on a sticky key, so every
 turn of one row lands on the same replica (prefix-cache reuse), and sends the same key as Ray
-Serve's multiplexed-model header so a Serve app with several replicas keeps it sticky too.
+Serve's multiplexed-model header (our own Serve apps) and as Serve's session header (Ray Serve
+LLM's ConsistentHashRouter), so a Serve app with several replicas keeps it sticky too.
 Retries 429/5xx/connection errors/timeouts with exponential backoff and jitter (tenacity);
 other 4xx (a prompt longer than the context, say) fail the step at once with the server's reason.
 
@@ -29,6 +30,7 @@ from tenacity import (
 )
 
 SERVE_STICKY_HEADER = "serve_multiplexed_model_id"
+SERVE_SESSION_HEADER = "x-session-id"  # Serve's default RAY_SERVE_SESSION_ID_HEADER_KEY
 REPLICA_HEADER = "x-matrix-replica"
 ATTEMPT_HEADER = "x-matrix-attempt"
 _UNHEALTHY_FOR_S = 5.0
@@ -193,7 +195,7 @@ class LLMClient:
             async with self._http().post(
                 endpoint.rstrip("/") + path,
                 json=body,
-                headers={SERVE_STICKY_HEADER: bucket, ATTEMPT_HEADER: str(attempt)},
+                headers={SERVE_STICKY_HEADER: bucket, SERVE_SESSION_HEADER: bucket, ATTEMPT_HEADER: str(attempt)},
             ) as resp:
                 status, text, replica = resp.status, await resp.text(), resp.headers.get(REPLICA_HEADER)
         except TimeoutError:

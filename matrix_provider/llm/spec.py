@@ -5,9 +5,10 @@ One model per backend so a typo in `llm.*` names the bad key and the backend it 
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class _Base(BaseModel):
@@ -86,7 +87,30 @@ class _GpuEngine(_Served):
 
 
 class VLLMSpec(_GpuEngine):
+    """vLLM through Ray Serve LLM (`build_openai_app` over one `LLMConfig`)."""
+
     backend: Literal["vllm"]
+    device: Literal["gpu", "cpu"] = Field(
+        "gpu", description="cpu: CPU-only placement bundles, which make Ray Serve LLM run vLLM's CPU backend"
+    )
+    python: str | None = Field(
+        None,
+        description="the Python of a venv with vLLM for the app's replicas (Ray's py_executable), for a cluster "
+        "whose own environment lacks vLLM; relative paths are taken from where the spec is composed",
+    )
+    routing: Literal["sticky", "round_robin"] = Field(
+        "sticky",
+        description="sticky: a row's requests go to one replica (Serve's ConsistentHashRouter on the client's "
+        "sticky key), so its KV prefix is reused; round_robin: Serve's RoundRobinRouter",
+    )
+    engine_env: dict[str, str] = Field(
+        default_factory=dict, description="environment of the engine replicas, e.g. VLLM_CPU_KVCACHE_SPACE"
+    )
+
+    @field_validator("python")
+    @classmethod
+    def _absolute(cls, value: str | None) -> str | None:
+        return os.path.abspath(value) if value else value
 
 
 class SGLangSpec(_GpuEngine):

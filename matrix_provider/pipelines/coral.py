@@ -81,7 +81,12 @@ class ExtractRole(LLMRole):
 
     async def run(self, msg: Orchestrator) -> None:
         last = {turn["role"]: turn["content"] for turn in msg.history}
-        answers = await asyncio.gather(*(self._extract(msg, last[agent]) for agent in AGENTS))
+        # Both calls finish before the step does, even when one fails: a call still out when the row
+        # is reported would spend tokens the row never counts (vLLM's own counters showed it).
+        answers = await asyncio.gather(*(self._extract(msg, last[agent]) for agent in AGENTS), return_exceptions=True)
+        for answer in answers:
+            if isinstance(answer, BaseException):
+                raise answer
         msg.set_result("extract", dict(zip(AGENTS, answers, strict=True)))
 
     async def _extract(self, msg: Orchestrator, message: str) -> str:

@@ -56,6 +56,9 @@ OPERATIONAL_KEYS = frozenset(
         "warm",
         "lease_ttl_s",
         "chain",
+        "python",
+        "routing",
+        "engine_env",
     }
 )
 
@@ -189,6 +192,7 @@ def compose(spec: str, overrides: list[str], run: dict[str, Any]) -> PipelineSpe
     for item in overrides:
         if "=" not in item:
             raise SpecError(f"override {item!r} is not KEY=VALUE")
+    _register_resolvers()
     search = f"hydra.searchpath=[file://{CONF_DIR}]"
     # Dotted keys may name any field of the schema, also ones the YAML leaves at their default:
     # Hydra's `++` adds or sets, and pydantic (extra="forbid") then names any key that does not exist.
@@ -203,6 +207,16 @@ def compose(spec: str, overrides: list[str], run: dict[str, Any]) -> PipelineSpe
     data.pop("hydra", None)
     data["run"] = run
     return validate(data)
+
+
+def _register_resolvers() -> None:
+    """`${vllm_weights:}`: where `matrix vllm-weights` puts the shipped SmolLM2 as HF weights (llm=vllm_cpu)."""
+    from omegaconf import OmegaConf
+
+    from matrix_provider.llm import hf_weights
+
+    if not OmegaConf.has_resolver("vllm_weights"):
+        OmegaConf.register_new_resolver("vllm_weights", lambda: str(hf_weights.weights_dir(hf_weights.shipped_gguf())))
 
 
 def _hydra_message(exc: Exception) -> str:
