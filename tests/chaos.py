@@ -97,8 +97,8 @@ def draw(seed: int, faults: int | None = None) -> list[Fault]:
 class Outcome:
     seed: int
     faults: list[str]
-    injected: collections.Counter[str] = field(default_factory=collections.Counter)
-    skipped: collections.Counter[str] = field(default_factory=collections.Counter)
+    injected: dict[str, int] = field(default_factory=dict)  # plain dicts: dataclasses.asdict mangles a Counter
+    skipped: dict[str, int] = field(default_factory=dict)
     runs: list[int] = field(default_factory=list)  # exit codes, in order
     rows_expected: int = 0
     readers: dict[str, dict[str, int]] = field(default_factory=dict)  # reader -> lost/doubled/foreign
@@ -166,7 +166,7 @@ class Schedule:
                 self.current = self._start()
             time.sleep(0.2)
         for fault in faults:
-            self.outcome.skipped[fault.kind] += 1
+            _count(self.outcome.skipped, fault.kind)
         for thread in self.threads:
             thread.join(timeout=OUTAGE_S + 30)
         final = self._start()  # the input may have changed under the last run: it must converge
@@ -195,7 +195,7 @@ class Schedule:
     # -- faults ------------------------------------------------------------------------------------
     def _inject(self, kind: str) -> None:
         done = getattr(self, f"_{kind}")()
-        (self.outcome.injected if done is not False else self.outcome.skipped)[kind] += 1
+        _count(self.outcome.injected if done is not False else self.outcome.skipped, kind)
 
     def _actor(self, part: str) -> bool:
         actors = [
@@ -292,7 +292,9 @@ class Schedule:
             code, output = proc.returncode, getattr(proc, "output", "")
             if verdict["taken"] and code == 0:
                 self.outcome.violations.append("a frozen run that was taken over exited 0")
-            if verdict["taken"] and "taken over by run" not in output:
+            # Frozen before it took its lease, it is refused (exit 2) instead: the other run holds the output.
+            named = "taken over by run" in output or (code == 2 and "is held by" in output)
+            if verdict["taken"] and not named:
                 self.outcome.violations.append(f"a run that was taken over did not name the taker: {output[-300:]}")
 
     def _check_refused(self, proc: subprocess.Popen[str]) -> None:
@@ -327,6 +329,10 @@ class Schedule:
         fs = fsspec.filesystem("s3", **options)
         manifest = json.loads(fs.cat_file(f"{self.out.removeprefix('s3://')}/_manifest.json"))
         self.outcome.rows_error = manifest["rows_error"]
+
+
+def _count(counts: dict[str, int], kind: str) -> None:
+    counts[kind] = counts.get(kind, 0) + 1
 
 
 def _text(i: int) -> str:
@@ -396,7 +402,7 @@ def table(outcomes: list[Outcome]) -> str:
     from rich.console import Console
     from rich.table import Table
 
-    injected = sum((o.injected for o in outcomes), collections.Counter())
+    injected = sum((collections.Counter(o.injected) for o in outcomes), collections.Counter())
     summary = Table(title=f"{len(outcomes)} schedules, {sum(injected.values())} faults injected")
     for column in ("seed", "faults", "runs", "rows", "lost", "doubled", "foreign", "errors", "violations", "s"):
         summary.add_column(column)
@@ -417,7 +423,7 @@ def table(outcomes: list[Outcome]) -> str:
     kinds = Table(title="faults injected by kind (skipped: the run had already finished)")
     for kind in KINDS:
         kinds.add_column(kind)
-    skipped = sum((o.skipped for o in outcomes), collections.Counter())
+    skipped = sum((collections.Counter(o.skipped) for o in outcomes), collections.Counter())
     kinds.add_row(*(f"{injected[k]} ({skipped[k]})" for k in KINDS))
     console = Console(width=200, record=True)
     console.print(summary)

@@ -33,5 +33,5 @@ def stand(s3_server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple
 @pytest.mark.parametrize("seed", SEEDS)
 def test_a_chaos_schedule_loses_and_doubles_nothing(stand, tmp_path: Path, seed: int) -> None:
     outcome = Schedule(*stand, tmp_path, seed).run()
-    assert outcome.clean, asdict(outcome)
+    assert outcome.clean, f"violations {outcome.violations}; readers {outcome.readers}; {asdict(outcome)}"
     assert set(outcome.readers) == {"plain", "duckdb", "records"}
