@@ -245,6 +245,7 @@ def _run_units(
             scheduler = UnitScheduler(spec, actors, lease, quiet, resumed_rows)
             scheduler.run(todo, records)
             if scheduler.changed:
+                lease.check()  # a run taken over while it read says so, not that its input changed
                 raise RunFailed(
                     f"{len(scheduler.changed)} input file(s) changed while the run read them, e.g. "
                     f"{scheduler.changed[0]}; every other unit is committed: rerun to process the new versions"
