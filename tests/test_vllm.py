@@ -145,8 +145,9 @@ def test_the_weights_made_from_the_gguf_answer_and_are_made_once(vllm: VLLMApp) 
 
     Greedy, so the answer is the model's best and the same every run (sampled, SmolLM2-135M once
     talked about "this classic math concept" for 16 tokens without saying 4)."""
-    body = {"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "What is 2+2?"}]}
-    answer = httpx.post(f"{vllm.endpoint}/chat/completions", json={**body, "max_tokens": 32, "temperature": 0}, timeout=300).json()
+    question = [{"role": "user", "content": "What is 2+2?"}]
+    body = {"model": "smollm2-135m-instruct", "messages": question, "max_tokens": 32, "temperature": 0}
+    answer = httpx.post(f"{vllm.endpoint}/chat/completions", json=body, timeout=300).json()
     assert "4" in answer["choices"][0]["message"]["content"], answer
     started = time.monotonic()
     again = run_matrix(["vllm-weights", "--python", "/nonexistent/python"], vllm.env)  # cached: no conversion
