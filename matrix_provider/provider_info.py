@@ -32,6 +32,23 @@ def get_provider_info() -> dict[str, Any]:
         "triggers": [{"integration-name": "Matrix on Ray", "python-modules": ["matrix_provider.triggers.ray_job"]}],
         "extra-links": ["matrix_provider.links.ray.RayJobLink", "matrix_provider.links.ray.GrafanaLink"],
         "plugins": [{"name": "matrix", "plugin-class": "matrix_provider.plugins.ui.MatrixPlugin"}],
+        "config": {
+            "matrix": {
+                "description": "Settings of the Matrix provider.",
+                "options": {
+                    "deployment": {
+                        "description": "This Airflow deployment's name, in every Ray job id and job metadata it "
+                        "makes. Set it (e.g. staging, prod) when two deployments share a Ray cluster: without it "
+                        "equal DAG and run ids name the same job, and each would stop or re-attach to the "
+                        "other's.",
+                        "version_added": "0.1.0",
+                        "type": "string",
+                        "example": "prod",
+                        "default": "",
+                    }
+                },
+            }
+        },
         "connection-types": [
             {
                 "hook-class-name": "matrix_provider.hooks.ray_jobs.MatrixRayHook",
@@ -42,6 +59,11 @@ def get_provider_info() -> dict[str, Any]:
                     "verify_tls": {
                         "label": "Verify TLS certificate",
                         "schema": {"type": ["boolean", "null"], "default": True},
+                    },
+                    "ca_bundle": {
+                        "label": "CA bundle (PEM path)",
+                        "schema": {"type": ["string", "null"]},
+                        "description": "The CA that signed the dashboard's certificate, on every worker and triggerer",
                     },
                     "dashboard_url": {
                         "label": "Ray dashboard URL for links",

@@ -111,8 +111,10 @@ def _head_command(gcs_port: int, dash_port: int) -> list[str]:
 def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env["PATH"] = f"{VENV_BIN}:{env['PATH']}"
-    # The cluster's own environment holds the proxy key, as a production cluster's nodes would.
+    # The cluster's own environment holds the proxy key and the S3 credentials, as a production
+    # cluster's nodes would: no run forwards a secret to its workers (runtime/job.py FORWARDED_ENV).
     env[PROXY_KEY_ENV] = PROXY_KEY
+    env.update(S3_CREDS)
     serve_port = free_port()
     env.update(RAY_AUTH_MODE="token", MATRIX_SERVE_PORT=str(serve_port))  # inherited by jobs the cluster runs
     # The raylet waits 30 s for its dashboard agent by default; at a load of 20-40 the agent's imports
@@ -164,6 +166,10 @@ def ray_client(ray_cluster: RayCluster) -> Iterator[RayCluster]:
         yield ray_cluster
     finally:
         ray.shutdown()
+
+
+# The session S3's credentials: the Ray cluster's nodes hold them from their start (see ray_cluster).
+S3_CREDS = {"AWS_ACCESS_KEY_ID": "matrixtest", "AWS_SECRET_ACCESS_KEY": "matrixtestsecret"}
 
 
 @dataclass
@@ -227,7 +233,7 @@ def start_seaweed(data: Path, bucket: str, creds: dict[str, str]) -> tuple[subpr
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     data = tmp_path_factory.mktemp("seaweed")
-    creds = {"AWS_ACCESS_KEY_ID": "matrixtest", "AWS_SECRET_ACCESS_KEY": "matrixtestsecret"}
+    creds = S3_CREDS
     proc, port = start_seaweed(data, "matrix-test", creds)
     try:
         wait_port(port, timeout=60)
@@ -396,6 +402,14 @@ def airflow_env(ray_cluster: RayCluster, tmp_path_factory: pytest.TempPathFactor
     airflow = AirflowEnv(home, env)
     airflow.prepare()
     return airflow
+
+
+@pytest.fixture
+def conn(airflow_env, monkeypatch) -> dict:
+    """`matrix_ray_default` for this process, as the Airflow under test sees it; returns its fields."""
+    value = airflow_env.env["AIRFLOW_CONN_MATRIX_RAY_DEFAULT"]
+    monkeypatch.setenv("AIRFLOW_CONN_MATRIX_RAY_DEFAULT", value)
+    return json.loads(value)
 
 
 def task_context(dag_id: str, task_id: str, run_id: str, map_index: int = -1, try_number: int = 1, max_tries: int = 0):

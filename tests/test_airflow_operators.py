@@ -29,14 +29,6 @@ SIM = {"llm": "sim", "llm.decode_s_per_token": 0.002, "llm.output_tokens_mean": 
 
 
 @pytest.fixture
-def conn(airflow_env, monkeypatch) -> dict:
-    """`matrix_ray_default` for this process, as the Airflow under test sees it; returns its fields."""
-    value = airflow_env.env["AIRFLOW_CONN_MATRIX_RAY_DEFAULT"]
-    monkeypatch.setenv("AIRFLOW_CONN_MATRIX_RAY_DEFAULT", value)
-    return json.loads(value)
-
-
-@pytest.fixture
 def proxied(conn, monkeypatch):
     """A connection `proxied` to the same dashboard through a fault proxy (short retry window)."""
     upstream = f"http://{conn['host']}:{conn['port']}"
@@ -157,6 +149,46 @@ def test_trigger_rides_out_a_dashboard_outage_and_fails_clearly_past_its_budget(
     outage.join()
     assert event["status"] == "SUCCEEDED", event
     assert any(status == 200 for _, _, status in proxied.log[-3:]), "the proxy came back and served the end"
+
+
+def test_two_deployments_sharing_a_cluster_never_meet(conn, tmp_path: Path, monkeypatch) -> None:
+    """Defect: job ids carried no deployment, so staging's task re-attached to (or, as new work,
+    stopped) prod's job of the same dag, task and run ids."""
+    src = write_jsonl(tmp_path / "in" / "d.jsonl", 5)
+    hook, ids = MatrixRayHook(), {}
+    try:
+        for name in ("staging", "prod"):
+            monkeypatch.setenv("AIRFLOW__MATRIX__DEPLOYMENT", name)
+            ctx = task_context("shared_dag", "t", "manual__1", try_number=2)  # a retry: superseded jobs are stopped
+            ids[name], attached = _op("t", src, tmp_path / name).submit_or_attach(hook, ctx)
+            assert attached is None, f"{name} re-attached to {ids}"
+            assert hook.get_job(ids[name])["metadata"]["airflow_deployment"] == name
+        assert ids["staging"] != ids["prod"] and ids["prod"].startswith("matrix-prod-shared-dag-t-")
+        assert hook.get_job(ids["staging"])["status"] in {"PENDING", "RUNNING", "SUCCEEDED"}, "prod stopped it"
+    finally:
+        for sid in ids.values():
+            hook.stop(sid)
+
+
+def test_execution_timeout_holds_through_an_outage_and_a_failed_stop(conn, proxied) -> None:
+    """Defects: the outage branch skipped the deadline (a task past its execution_timeout waited out the
+    whole outage budget), and a stop that failed crashed the trigger instead of sending TIMEOUT."""
+    hook = MatrixRayHook("proxied")
+    sid = _sleeping_job(hook, 60)
+    _wait_status(hook, sid, {"RUNNING"})
+    try:
+        with proxied.outage():
+            started = time.monotonic()
+            trigger = MatrixRayJobTrigger(sid, "proxied", 1, deadline=time.time() + 2, outage_budget_s=600)
+            event = _run_trigger(trigger)
+        assert event["status"] == "TIMEOUT" and "stop it by hand" in event["message"], event
+        assert time.monotonic() - started < 60, "the deadline, not the 600 s outage budget, ended the wait"
+        # Dashboard back: the same deadline stops the job.
+        event = _run_trigger(MatrixRayJobTrigger(sid, "proxied", poll_interval=1, deadline=time.time() - 1))
+        assert event["status"] == "TIMEOUT" and "was stopped" in event["message"], event
+        assert _wait_status(hook, sid, {"STOPPED", "SUCCEEDED", "FAILED"}) == "STOPPED"
+    finally:
+        hook.stop(sid)
 
 
 def _sleeping_job(hook: MatrixRayHook, seconds: float) -> str:
@@ -318,3 +350,33 @@ def test_openlineage_reports_the_input_and_output_folders() -> None:
     lineage = op.get_openlineage_facets_on_complete(None)
     assert [(d.namespace, d.name) for d in lineage.inputs] == [("s3://corpora", "dclm/2026-01-01")]
     assert [(d.namespace, d.name) for d in lineage.outputs] == [("file", "/data/out")]
+
+
+def test_sensor_and_stop_reach_a_cluster_of_the_dag_run_and_its_token_is_masked(ray_cluster, tmp_path: Path) -> None:
+    """Defects: the sensor and the stop operator took no `cluster=` (only a connection), and a token
+    read from a cluster's token file was never masked in task logs."""
+    from airflow.sdk._shared.secrets_masker import redact
+
+    token_file = tmp_path / "token"
+    token_file.write_text(ray_cluster.token + "\n")
+    cluster = {"name": "per-run", "dashboard_url": ray_cluster.dashboard_url, "token_file": str(token_file)}
+    hook = MatrixRayHook(cluster=cluster)  # no connection in this process's environment at all
+    assert ray_cluster.token not in repr(hook.endpoint()) and redact(ray_cluster.token) == "***"
+    sid = _sleeping_job(hook, 60)
+    _wait_status(hook, sid, {"RUNNING"})
+    assert MatrixRayJobSensor(task_id="s", submission_id=sid, cluster=cluster).poke({}) is False
+    assert MatrixStopJobOperator(task_id="stop", submission_id=sid, cluster=cluster).execute({}) == "STOPPED"
+
+
+def test_the_slurm_cluster_operator_survives_a_dag_copy() -> None:
+    """Defect: a threading.Event made in __init__ made `dag.partial_subset()` (a clear with
+    downstream) raise on any DAG holding MatrixSlurmClusterOperator."""
+    from airflow.sdk import DAG
+
+    from matrix_provider.operators.slurm_cluster import MatrixSlurmClusterOperator, MatrixSlurmClusterTeardownOperator
+
+    with DAG("slurm_copy", schedule=None) as dag:
+        up = MatrixSlurmClusterOperator(task_id="up", nodes=2)
+        MatrixSlurmClusterTeardownOperator(task_id="down", cluster=up.output)
+    subset = dag.partial_subset("up", include_downstream=True)
+    assert set(subset.task_ids) == {"up", "down"}

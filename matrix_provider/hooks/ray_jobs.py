@@ -1,7 +1,8 @@
 """MatrixRayHook: the Ray Jobs REST API over HTTP, sync for workers and async for triggers.
 
 The connection (type `matrix_ray`, default id `matrix_ray_default`) holds the dashboard's host
-and port, the Ray auth token as its password, and extras: `tls` (https), `verify_tls`,
+and port, the Ray auth token as its password, and extras: `tls` (https), `verify_tls`, `ca_bundle`
+(a PEM file of the CA that signed the dashboard's certificate),
 `dashboard_url` (public link for the UI), `grafana_url`, `retry_s` (how long one call rides out
 an outage, default 30).
 
@@ -15,9 +16,10 @@ lines.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -25,6 +27,7 @@ from urllib.parse import quote
 import httpx
 import tenacity
 from airflow.sdk import BaseHook
+from airflow.sdk.log import amask_secret, mask_secret
 
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
 ACTIVE = frozenset({"PENDING", "RUNNING"})
@@ -58,8 +61,8 @@ def flag(value: Any, default: bool) -> bool:
 @dataclass(frozen=True)
 class RayEndpoint:
     base_url: str
-    token: str | None
-    verify: bool
+    token: str | None = field(repr=False)  # a logged or printed endpoint never shows it
+    verify: bool | str  # False, True (the system's CAs) or the path of a CA bundle
     dashboard_url: str
     grafana_url: str | None
     retry_s: float = 30.0
@@ -101,7 +104,7 @@ class MatrixRayHook(BaseHook):
         return RayEndpoint(
             base_url=base,
             token=conn.password or None,
-            verify=flag(extra.get("verify_tls"), True),
+            verify=(extra.get("ca_bundle") or True) if flag(extra.get("verify_tls"), True) else False,
             dashboard_url=str(extra.get("dashboard_url") or base).rstrip("/"),
             grafana_url=extra.get("grafana_url") or None,
             retry_s=float(extra.get("retry_s") or DEFAULT_RETRY_S),
@@ -120,6 +123,8 @@ class MatrixRayHook(BaseHook):
     def endpoint(self) -> RayEndpoint:
         if self._endpoint is None and self.cluster:
             self._endpoint = self._endpoint_of_cluster(self.cluster)
+            if self._endpoint.token:  # Airflow masks a connection's password, never a file's token
+                mask_secret(self._endpoint.token)
         if self._endpoint is None:
             try:
                 conn = self.get_connection(self.ray_conn_id)
@@ -130,7 +135,10 @@ class MatrixRayHook(BaseHook):
 
     async def aendpoint(self) -> RayEndpoint:
         if self._endpoint is None and self.cluster:
-            self._endpoint = self._endpoint_of_cluster(self.cluster)
+            # A file read off the triggerer's event loop: a slow shared filesystem stalls no other trigger.
+            self._endpoint = await asyncio.to_thread(self._endpoint_of_cluster, self.cluster)
+            if self._endpoint.token:
+                await amask_secret(self._endpoint.token)
         if self._endpoint is None:
             try:
                 conn = await self.aget_connection(self.ray_conn_id)
@@ -180,7 +188,7 @@ class MatrixRayHook(BaseHook):
 
         def once() -> httpx.Response:
             try:
-                with httpx.Client(verify=ep.verify, timeout=self.timeout_s) as client:
+                with httpx.Client(verify=_tls(ep.verify), timeout=self.timeout_s) as client:
                     resp = client.request(method, ep.base_url + path, headers=ep.headers(), **kw)
             except httpx.HTTPError as exc:
                 raise _Transient(type(exc).__name__) from None
@@ -268,7 +276,9 @@ class MatrixRayHook(BaseHook):
     async def _aclient(self, ep: RayEndpoint) -> httpx.AsyncClient:
         """One client per hook, built in a thread: its SSL context loads the CA bundle (~40 ms)."""
         if self._async_client is None:
-            self._async_client = await asyncio.to_thread(httpx.AsyncClient, verify=ep.verify, timeout=self.timeout_s)
+            self._async_client = await asyncio.to_thread(
+                lambda: httpx.AsyncClient(verify=_tls(ep.verify), timeout=self.timeout_s)
+            )
         return self._async_client
 
     async def aclose(self) -> None:
@@ -290,6 +300,16 @@ class MatrixRayHook(BaseHook):
     async def astop(self, submission_id: str) -> bool:
         resp = await self._arequest("POST", f"/api/jobs/{quote(submission_id)}/stop")
         return resp.status_code == 200 and bool(resp.json().get("stopped"))
+
+
+def _tls(verify: bool | str) -> bool | ssl.SSLContext:
+    """httpx's `verify`: a CA bundle's path becomes a context that trusts it (httpx takes no path)."""
+    if isinstance(verify, str):
+        try:
+            return ssl.create_default_context(cafile=verify)
+        except (OSError, ssl.SSLError) as exc:
+            raise RayJobsError(f"cannot load the connection's ca_bundle {verify!r}: {exc}") from None
+    return verify
 
 
 def _tail_path(submission_id: str, lines: int, node_id: str) -> str:

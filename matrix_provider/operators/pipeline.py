@@ -53,11 +53,18 @@ _MAX_RESUBMITS = 1000
 _PLACEMENT = ("entrypoint_num_cpus", "entrypoint_num_gpus", "entrypoint_memory", "entrypoint_resources")
 
 
+def deployment() -> str:
+    """`[matrix] deployment`: which Airflow made a job, so two sharing a Ray cluster never meet."""
+    return conf.get("matrix", "deployment", fallback="") or ""
+
+
 def submission_id_for(dag_id: str, task_id: str, run_id: str, map_index: int, work: str = "") -> str:
-    """Deterministic and Ray-safe: the same task instance doing the same work names the same job."""
-    slug = re.sub(r"[^a-z0-9]+", "-", f"{dag_id}-{task_id}".lower()).strip("-")[:60]
-    digest = hashlib.sha256(f"{dag_id}|{task_id}|{run_id}|{map_index}|{work}".encode()).hexdigest()[:12]
-    return f"matrix-{slug}-{digest}"
+    """Deterministic and Ray-safe: the same task instance of the same deployment doing the same work
+    names the same job."""
+    where = deployment()
+    slug = re.sub(r"[^a-z0-9]+", "-", f"{where}-{dag_id}-{task_id}".lower()).strip("-")[:60]
+    key = f"{dag_id}|{task_id}|{run_id}|{map_index}|{work}" + (f"|{where}" if where else "")
+    return f"matrix-{slug}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
 def default_outlet(dag_id: str, task_id: str) -> Asset:
@@ -83,6 +90,17 @@ def _with_default_outlets(task_id: str, kwargs: dict[str, Any], alias: str | Non
     if alias and not any(isinstance(o, AssetAlias) and o.name == alias for o in outlets):
         outlets.append(AssetAlias(name=alias))
     return {**kwargs, "outlets": outlets}
+
+
+def _owner(ti: Any) -> dict[str, str]:
+    """The job metadata naming the task instance (and deployment) a job belongs to."""
+    return {
+        "airflow_deployment": deployment(),
+        "airflow_dag_id": ti.dag_id,
+        "airflow_task_id": ti.task_id,
+        "airflow_run_id": ti.run_id,
+        "airflow_map_index": str(getattr(ti, "map_index", -1)),
+    }
 
 
 class MatrixPipelineOperator(BaseOperator):
@@ -248,13 +266,7 @@ class MatrixPipelineOperator(BaseOperator):
             if job is None:
                 if attempt == 0 and int(getattr(ti, "try_number", 1) or 1) > 1:  # a first try has no older job
                     self._stop_superseded(hook, ti, submission_id)
-                metadata = {
-                    "airflow_dag_id": ti.dag_id,
-                    "airflow_task_id": ti.task_id,
-                    "airflow_run_id": ti.run_id,
-                    "airflow_map_index": str(getattr(ti, "map_index", -1)),
-                    "matrix_work_hash": self.work_hash(getattr(ti, "try_number", 0))[:16],
-                }
+                metadata = {**_owner(ti), "matrix_work_hash": self.work_hash(getattr(ti, "try_number", 0))[:16]}
                 hook.submit(self.entrypoint(), submission_id, self.runtime_env, metadata, self.placement)
                 self.log.info("submitted Ray job %s", submission_id)
                 return submission_id, None
@@ -270,12 +282,7 @@ class MatrixPipelineOperator(BaseOperator):
     def _stop_superseded(self, hook: MatrixRayHook, ti: Any, new_id: str) -> None:
         """New work for this task instance: stop its jobs still running older work (a retry after the
         work changed, force_rerun, a clear mid-run), or the two would race for the same output."""
-        mine = {
-            "airflow_dag_id": ti.dag_id,
-            "airflow_task_id": ti.task_id,
-            "airflow_run_id": ti.run_id,
-            "airflow_map_index": str(getattr(ti, "map_index", -1)),
-        }
+        mine = _owner(ti)
         for job in hook.list_jobs():
             meta = job.get("metadata") or {}
             if job.get("status") in ACTIVE and job.get("submission_id") != new_id and mine.items() <= meta.items():

@@ -88,9 +88,12 @@ class MatrixSlurmClusterOperator(BaseOperator):
         self.export_env = tuple(export_env)
         self._name: str | None = None
         self._state_dir: Path | None = None
-        self._stop = threading.Event()
+        # Made in execute: a threading.Event cannot be deep-copied, and Airflow copies operators
+        # (dag.partial_subset() for a clear with downstream, task mapping).
+        self._stop: threading.Event | None = None
 
     def execute(self, context: Any) -> dict[str, Any]:
+        self._stop = threading.Event()
         name = self._name = _run_cluster_name(context, self.name_prefix)
         root = Path(self.state_root) if self.state_root else clusters.state_root()
         self._state_dir = root / name
@@ -115,7 +118,8 @@ class MatrixSlurmClusterOperator(BaseOperator):
     def on_kill(self) -> None:
         """A killed setup (task or run marked failed, timeout) cancels whatever it had submitted, also
         a job sbatch had accepted but `up` had not yet recorded (by name); `up` stops submitting."""
-        self._stop.set()
+        if self._stop is not None:
+            self._stop.set()
         if not self._name:
             return
         with contextlib.suppress(ClusterError):

@@ -21,11 +21,13 @@ class MatrixStopJobOperator(BaseOperator):
 
     :param submission_id: the Ray submission id. Templated.
     :param ray_conn_id: connection of type ``matrix_ray``. Templated.
+    :param cluster: instead of the connection, the cluster a setup task brought up for this DAG run
+        (``MatrixSlurmClusterOperator(...).output``). Templated.
     :param wait_s: how long to wait for Ray to report the job ended.
     :param missing_ok: succeed when the job does not exist (e.g. in a teardown after a failed submit).
     """
 
-    template_fields: Sequence[str] = ("submission_id", "ray_conn_id")
+    template_fields: Sequence[str] = ("submission_id", "ray_conn_id", "cluster")
     ui_color = "#fde8e8"
 
     def __init__(
@@ -33,6 +35,7 @@ class MatrixStopJobOperator(BaseOperator):
         *,
         submission_id: str,
         ray_conn_id: str = MatrixRayHook.default_conn_name,
+        cluster: dict[str, Any] | None = None,
         wait_s: float = 120.0,
         missing_ok: bool = False,
         **kwargs: Any,
@@ -40,11 +43,12 @@ class MatrixStopJobOperator(BaseOperator):
         super().__init__(**kwargs)
         self.submission_id = submission_id
         self.ray_conn_id = ray_conn_id
+        self.cluster = cluster
         self.wait_s = wait_s
         self.missing_ok = missing_ok
 
     def execute(self, context: Any) -> str:
-        hook = MatrixRayHook(self.ray_conn_id)
+        hook = MatrixRayHook(self.ray_conn_id, cluster=self.cluster)
         try:
             return self._stop(hook)
         except RayJobsError as exc:

@@ -49,17 +49,10 @@ _UNITS_AHEAD = 2  # units handed to a driver before its first is done: reading o
 _MAX_UNITS_AHEAD = 16  # more while its rows in flight stay under its concurrency (small files)
 _UNIT_ATTEMPTS = 3  # a unit whose driver died or failed is handed out again, this many times in all
 _POOL_CLOSE_S = 10.0  # pools kill their sandboxes before they are killed (the `none` backend has no die-with-parent)
-FORWARDED_ENV = frozenset(
-    {
-        "AWS_ACCESS_KEY_ID",
-        "AWS_SECRET_ACCESS_KEY",
-        "AWS_SESSION_TOKEN",
-        "AWS_ENDPOINT_URL",
-        "AWS_DEFAULT_REGION",
-        "AWS_REGION",
-        "MATRIX_SERVE_PORT",
-    }
-)
+# Settings a run's workers need but that name no secret: the cluster's nodes hold the credentials
+# (their environment, an instance role or a mounted secret), never a job's runtime_env, which the
+# dashboard and the State API show to anyone who can read them.
+FORWARDED_ENV = frozenset({"AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "MATRIX_SERVE_PORT"})
 
 
 class RunFailed(RuntimeError):
@@ -93,8 +86,8 @@ def connect_ray() -> bool:
         return False
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        # Workers on an existing cluster do not share our environment: forward the standard storage
-        # settings (set them on the nodes or use instance roles to keep keys out of runtime_env).
+        # Workers on an existing cluster do not share our environment: forward the storage settings
+        # that name no secret (FORWARDED_ENV).
         forwarded = {k: v for k, v in os.environ.items() if k in FORWARDED_ENV}
         ray.init(
             address=address,

@@ -24,12 +24,14 @@ class MatrixRayJobSensor(BaseSensorOperator):
     :param submission_id: the Ray submission id, usually
         ``"{{ ti.xcom_pull(task_ids='submit')['ray_submission_id'] }}"``. Templated.
     :param ray_conn_id: connection of type ``matrix_ray``. Templated.
+    :param cluster: instead of the connection, the cluster a setup task brought up for this DAG run
+        (``MatrixSlurmClusterOperator(...).output``). Templated.
     :param output_uri: where the run writes; its `_manifest.json` answers if Ray's log cannot. Templated.
     :param deferrable: wait in the triggerer (default: ``[operators] default_deferrable``).
     :param outage_budget_s: how long a dashboard outage is waited out while deferred.
     """
 
-    template_fields: Sequence[str] = ("submission_id", "ray_conn_id", "output_uri")
+    template_fields: Sequence[str] = ("submission_id", "ray_conn_id", "cluster", "output_uri")
     ui_color = "#e8f0fe"
 
     def __init__(
@@ -37,6 +39,7 @@ class MatrixRayJobSensor(BaseSensorOperator):
         *,
         submission_id: str,
         ray_conn_id: str = MatrixRayHook.default_conn_name,
+        cluster: dict[str, Any] | None = None,
         output_uri: str | None = None,
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
         outage_budget_s: float = 900.0,
@@ -45,12 +48,13 @@ class MatrixRayJobSensor(BaseSensorOperator):
         super().__init__(**kwargs)
         self.submission_id = submission_id
         self.ray_conn_id = ray_conn_id
+        self.cluster = cluster
         self.output_uri = output_uri
         self.deferrable = deferrable
         self.outage_budget_s = outage_budget_s
 
     def poke(self, context: Any) -> PokeReturnValue | bool:
-        hook = MatrixRayHook(self.ray_conn_id)
+        hook = MatrixRayHook(self.ray_conn_id, cluster=self.cluster)
         try:
             job = hook.get_job(self.submission_id)
         except RayUnavailable as exc:
@@ -81,10 +85,12 @@ class MatrixRayJobSensor(BaseSensorOperator):
                 self.poke_interval,
                 outage_budget_s=self.outage_budget_s,
                 stream_progress=False,
+                cluster=self.cluster,
             ),
             method_name="execute_complete",
             timeout=timedelta(seconds=self.timeout) if self.timeout else None,
         )
 
     def execute_complete(self, context: Any, event: dict[str, Any]) -> dict[str, Any]:
-        return self._outcome(MatrixRayHook(self.ray_conn_id), event["status"], event.get("message") or "")
+        hook = MatrixRayHook(self.ray_conn_id, cluster=self.cluster)
+        return self._outcome(hook, event["status"], event.get("message") or "")

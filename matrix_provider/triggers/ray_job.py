@@ -79,6 +79,10 @@ class MatrixRayJobTrigger(BaseTrigger):
 
     async def _watch(self, hook: MatrixRayHook) -> AsyncIterator[TriggerEvent]:
         while True:
+            # First, so it holds while the dashboard is down too: the task's execution_timeout is kept.
+            if self.deadline is not None and time.time() > self.deadline:
+                yield await self._timeout(hook)
+                return
             try:
                 job = await hook.aget_job(self.submission_id)
                 if self.stream_progress and job is not None:
@@ -110,11 +114,16 @@ class MatrixRayJobTrigger(BaseTrigger):
             if job["status"] in TERMINAL:
                 yield self._event(job["status"], job.get("message") or "")
                 return
-            if self.deadline is not None and time.time() > self.deadline:
-                await hook.astop(self.submission_id)
-                yield self._event("TIMEOUT", "execution_timeout reached; the Ray job was stopped")
-                return
             await asyncio.sleep(self.poll_interval)
+
+    async def _timeout(self, hook: MatrixRayHook) -> TriggerEvent:
+        """TIMEOUT, after trying to stop the job: a stop that fails is reported, never a crashed trigger."""
+        try:
+            stopped = await hook.astop(self.submission_id)
+            outcome = "the Ray job was stopped" if stopped else "the Ray job had already ended"
+        except RayJobsError as exc:
+            outcome = f"stopping Ray job {self.submission_id} failed ({exc}): stop it by hand"
+        return self._event("TIMEOUT", f"execution_timeout reached; {outcome}")
 
     async def _log_progress(self, hook: MatrixRayHook, node_id: str | None) -> None:
         if not node_id:
