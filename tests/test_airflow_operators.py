@@ -20,7 +20,7 @@ from matrix_provider.hooks.ray_jobs import MatrixRayHook, RayJobsError, RayUnava
 from matrix_provider.operators import MatrixPipelineOperator, MatrixStopJobOperator
 from matrix_provider.protocol import PROGRESS_PREFIX, new_progress
 from matrix_provider.sensors import MatrixRayJobSensor
-from matrix_provider.triggers.ray_job import MatrixRayJobTrigger
+from matrix_provider.triggers.ray_job import MatrixRayJobTrigger, first_event
 from tests.conftest import read_manifest, task_context
 from tests.corpus import write_jsonl
 from tests.fault_proxy import FaultProxy
@@ -71,13 +71,8 @@ def _driver_resources(conn: dict, sid: str) -> dict:
 
 
 def _run_trigger(trigger: MatrixRayJobTrigger) -> dict:
-    async def first_event() -> dict:
-        async for event in trigger.run():
-            return event.payload
-        raise AssertionError("trigger ended without an event")
-
     # Bounded: a job that never ends must fail this test with a reason, not hang it to pytest's timeout.
-    return asyncio.run(asyncio.wait_for(first_event(), timeout=300))
+    return asyncio.run(asyncio.wait_for(first_event(trigger), timeout=300))
 
 
 def _wait_status(hook: MatrixRayHook, sid: str, statuses: set[str], timeout: float = 120) -> str:
@@ -149,6 +144,27 @@ def test_trigger_rides_out_a_dashboard_outage_and_fails_clearly_past_its_budget(
     outage.join()
     assert event["status"] == "SUCCEEDED", event
     assert any(status == 200 for _, _, status in proxied.log[-3:]), "the proxy came back and served the end"
+
+
+def test_cancel_on_kill_false_leaves_the_job_for_a_retry(conn) -> None:
+    """Defect: no switch: a worker's SIGTERM on eviction (a kill to Airflow) stopped a job a retry
+    could have re-attached to."""
+    hook = MatrixRayHook()
+    sid = _sleeping_job(hook, 60)
+    try:
+        _wait_status(hook, sid, {"RUNNING"})
+        asyncio.run(MatrixRayJobTrigger(sid, "matrix_ray_default", cancel_on_kill=False).on_kill())
+        op = MatrixPipelineOperator(
+            task_id="t", pipeline="prefilter", input_uri="in", output_uri="out", cancel_on_kill=False
+        )
+        op._submission_id = sid
+        op.on_kill()
+        time.sleep(2)
+        assert hook.get_job(sid)["status"] == "RUNNING"
+        asyncio.run(MatrixRayJobTrigger(sid, "matrix_ray_default").on_kill())  # the default stops it
+        assert _wait_status(hook, sid, {"STOPPED", "SUCCEEDED", "FAILED"}) == "STOPPED"
+    finally:
+        hook.stop(sid)
 
 
 def test_two_deployments_sharing_a_cluster_never_meet(conn, tmp_path: Path, monkeypatch) -> None:
@@ -287,6 +303,34 @@ def test_matrix_view_renders_only_http_links() -> None:
 
     assert _link("javascript:alert(document.cookie)", "Ray job") == ""
     assert _link("https://ray.example/#/jobs/x", "Ray job").startswith('<a href="https://ray.example/#/jobs/x"')
+
+
+def test_matrix_view_sees_a_rotated_token_and_asks_a_dag_runs_own_cluster(ray_cluster, monkeypatch, tmp_path) -> None:
+    """Defects: connections were cached for the API server's lifetime (a rotated token was used until a
+    restart), and a job on a cluster its DAG run brought up was asked about through the default connection."""
+    from matrix_provider.plugins import ui
+
+    host, port = ray_cluster.dashboard_url.removeprefix("http://").split(":")
+    fields = {"conn_type": "matrix_ray", "host": host, "port": int(port)}
+    monkeypatch.setenv("AIRFLOW_CONN_ROTATED", json.dumps({**fields, "password": "old-token"}))
+    assert ui._connection("rotated").password == "old-token"
+    monkeypatch.setenv("AIRFLOW_CONN_ROTATED", json.dumps({**fields, "password": ray_cluster.token}))
+    assert ui._connection("rotated").password == "old-token", "cached within the minute"
+    monkeypatch.setattr(ui, "_CONN_TTL_S", 0.0)
+    assert ui._connection("rotated").password == ray_cluster.token
+
+    hook = MatrixRayHook("rotated")
+    sid = _sleeping_job(hook, 60)
+    try:
+        _wait_status(hook, sid, {"RUNNING"})
+        token_file = tmp_path / "token"
+        token_file.write_text(ray_cluster.token)
+        cluster = {"name": "per-run", "dashboard_url": ray_cluster.dashboard_url, "token_file": str(token_file)}
+        values = {ui.CONN_ID_KEY: "no_such_connection", ui.CLUSTER_KEY: cluster}
+        assert ui._live(sid, ui._source(values))["state"] == "RUNNING"
+        assert ui._live(sid, "rotated")["state"] == "RUNNING"
+    finally:
+        hook.stop(sid)
 
 
 def test_fire_and_forget_then_sensor_then_stop(conn, tmp_path: Path) -> None:

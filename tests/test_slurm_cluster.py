@@ -314,7 +314,7 @@ def test_a_cluster_cancelled_under_a_running_pipeline_fails_the_task_and_leaves_
         run.execute_complete(ctx, event)
     # A worker polling instead of deferring learns it the same way.
     with pytest.raises(AirflowException, match=re.escape(gone)):
-        run._poll(hook, trigger.submission_id, ctx, None)
+        run._poll(trigger.submission_id, ctx, None)
     assert MatrixSlurmClusterTeardownOperator(task_id="down", cluster=info).execute(ctx) == info["jobs"]
     assert_nothing_left(env, info)
 

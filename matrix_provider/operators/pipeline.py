@@ -15,6 +15,7 @@ manifest, and each outlet Asset event carries the manifest counts.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import re
@@ -27,9 +28,9 @@ from airflow.providers.common.compat.sdk import conf
 from airflow.sdk import Asset, AssetAlias, BaseOperator
 
 from matrix_provider import __version__
-from matrix_provider.clusters.cluster import ended as cluster_ended
-from matrix_provider.hooks.ray_jobs import ACTIVE, TERMINAL, MatrixRayHook, RayJobsError, RayUnavailable
+from matrix_provider.hooks.ray_jobs import ACTIVE, MatrixRayHook, RayJobsError
 from matrix_provider.links.ray import (
+    CLUSTER_KEY,
     CONN_ID_KEY,
     GRAFANA_URL_KEY,
     RAY_JOB_URL_KEY,
@@ -46,8 +47,8 @@ from matrix_provider.operators.outcome import (
     outlet_extra,
     will_retry,
 )
-from matrix_provider.protocol import new_progress, shipped_pipelines
-from matrix_provider.triggers.ray_job import TAIL_LINES, MatrixRayJobTrigger
+from matrix_provider.protocol import shipped_pipelines
+from matrix_provider.triggers.ray_job import MatrixRayJobTrigger, first_event
 
 _MAX_RESUBMITS = 1000
 _PLACEMENT = ("entrypoint_num_cpus", "entrypoint_num_gpus", "entrypoint_memory", "entrypoint_resources")
@@ -128,6 +129,8 @@ class MatrixPipelineOperator(BaseOperator):
     :param entrypoint_num_cpus: CPUs reserved for the job's driver (Ray Jobs API), likewise
         ``entrypoint_num_gpus``, ``entrypoint_memory`` (bytes) and ``entrypoint_resources``.
     :param matrix_command: the `matrix` executable on the cluster.
+    :param cancel_on_kill: stop the Ray job when the task is killed (default); False leaves it running
+        for a retry to re-attach to, e.g. where workers are evicted (a SIGTERM also counts as a kill).
     """
 
     template_fields: Sequence[str] = (
@@ -139,8 +142,10 @@ class MatrixPipelineOperator(BaseOperator):
         "cluster",
         "partitions",
         "concurrency",
+        "runtime_env",
+        "placement",
     )
-    template_fields_renderers = {"overrides": "json"}
+    template_fields_renderers = {"overrides": "json", "runtime_env": "json", "placement": "json"}
     operator_extra_links = (RayJobLink(), GrafanaLink())
     ui_color = "#e8f0fe"
 
@@ -177,6 +182,7 @@ class MatrixPipelineOperator(BaseOperator):
         entrypoint_memory: int | None = None,
         entrypoint_resources: dict[str, float] | None = None,
         matrix_command: str = "matrix",
+        cancel_on_kill: bool = True,
         **kwargs: Any,
     ) -> None:
         kwargs = _with_default_outlets(kwargs["task_id"], kwargs, output_alias, wait_for_completion)
@@ -207,6 +213,7 @@ class MatrixPipelineOperator(BaseOperator):
             if v is not None
         }
         self.matrix_command = matrix_command
+        self.cancel_on_kill = cancel_on_kill
         self._submission_id: str | None = None
 
     # -- checks and submission ------------------------------------------------------------------
@@ -218,6 +225,7 @@ class MatrixPipelineOperator(BaseOperator):
                 "or the path of a spec YAML on the cluster"
             )
         whole_numbers(self, ("partitions", "concurrency"))
+        self.placement = _numeric_placement(self.placement)
 
     def entrypoint(self) -> str:
         args = [
@@ -303,55 +311,33 @@ class MatrixPipelineOperator(BaseOperator):
         context["ti"].xcom_push(key=RAY_JOB_URL_KEY, value=ray_job_url(endpoint.dashboard_url, submission_id))
         context["ti"].xcom_push(key=GRAFANA_URL_KEY, value=grafana_url(endpoint.grafana_url, submission_id))
         context["ti"].xcom_push(key=CONN_ID_KEY, value=self.ray_conn_id)
+        if self.cluster:  # only its address and token file's path, never a token
+            cluster = {k: self.cluster.get(k) for k in ("name", "dashboard_url", "token_file")}
+            context["ti"].xcom_push(key=CLUSTER_KEY, value=cluster)
         if not self.wait_for_completion:
             return {"ray_submission_id": submission_id, "status": (job or {}).get("status", "PENDING")}
         if job is not None and job["status"] == "SUCCEEDED":
             return self._finish(hook, submission_id, context)
         deadline = time.time() + self.execution_timeout.total_seconds() if self.execution_timeout else None
         if self.deferrable:
-            self.defer(
-                trigger=MatrixRayJobTrigger(
-                    submission_id,
-                    self.ray_conn_id,
-                    self.poll_interval,
-                    deadline=deadline,
-                    outage_budget_s=self.outage_budget_s,
-                    cluster=self.cluster,
-                ),
-                method_name="execute_complete",
-            )
-        return self._poll(hook, submission_id, context, deadline)
+            self.defer(trigger=self._trigger(submission_id, deadline), method_name="execute_complete")
+        return self._poll(submission_id, context, deadline)
 
-    def _poll(self, hook: MatrixRayHook, submission_id: str, context: Any, deadline: float | None) -> dict[str, Any]:
-        last, down_since = "", None
-        while True:
-            try:
-                job = hook.get_job(submission_id)
-                node_id = (job or {}).get("driver_node_id")
-                tail = hook.tail_logs(submission_id, TAIL_LINES, node_id) if node_id else ""
-                down_since = None
-            except RayUnavailable as exc:
-                down_since = down_since or time.monotonic()
-                if gone := self.cluster and cluster_ended(self.cluster):
-                    raise AirflowException(f"{exc} — {gone}: Ray job {submission_id} ended with it") from None
-                if time.monotonic() - down_since >= self.outage_budget_s:
-                    raise AirflowException(f"{exc}; gave up after outage_budget_s={self.outage_budget_s:.0f}") from None
-                self.log.warning("%s; waiting", exc)
-                time.sleep(self.poll_interval)
-                continue
-            for line in new_progress(tail, last):
-                self.log.info("%s", line)
-                last = line
-            if job is None or job["status"] in TERMINAL:
-                status = job["status"] if job else "MISSING"
-                return self.execute_complete(
-                    context,
-                    {"status": status, "submission_id": submission_id, "message": (job or {}).get("message", "")},
-                )
-            if deadline is not None and time.time() > deadline:
-                hook.stop(submission_id)
-                raise AirflowException(f"execution_timeout reached: stopped Ray job {submission_id}")
-            time.sleep(self.poll_interval)
+    def _poll(self, submission_id: str, context: Any, deadline: float | None) -> dict[str, Any]:
+        """Waits in the worker with the trigger's own loop: one wait loop, whichever process waits."""
+        event = asyncio.run(first_event(self._trigger(submission_id, deadline)))
+        return self.execute_complete(context, event)
+
+    def _trigger(self, submission_id: str, deadline: float | None) -> MatrixRayJobTrigger:
+        return MatrixRayJobTrigger(
+            submission_id,
+            self.ray_conn_id,
+            self.poll_interval,
+            deadline=deadline,
+            outage_budget_s=self.outage_budget_s,
+            cluster=self.cluster,
+            cancel_on_kill=self.cancel_on_kill,
+        )
 
     def execute_complete(self, context: Any, event: dict[str, Any]) -> dict[str, Any]:
         """Runs on a fresh operator instance: everything it needs is in the event."""
@@ -386,10 +372,25 @@ class MatrixPipelineOperator(BaseOperator):
             self.log.error("could not stop Ray job %s; stop it by hand: %s", submission_id, exc)
 
     def on_kill(self) -> None:
-        """Killed while polling in the worker (deferrable=False): stop the Ray job too."""
-        if self._submission_id:
+        """Killed while waiting in the worker (deferrable=False): stop the Ray job too, unless
+        `cancel_on_kill=False` (a worker evicted by SIGTERM then leaves a job a retry re-attaches to)."""
+        if self._submission_id and self.cancel_on_kill:
             MatrixRayHook(self.ray_conn_id, cluster=self.cluster).stop(self._submission_id)
             self.log.info("stopped Ray job %s", self._submission_id)
+
+
+def _numeric_placement(placement: dict[str, Any]) -> dict[str, Any]:
+    """Rendered templates are strings: the Jobs API wants numbers for the driver's resources."""
+
+    def number(key: str, value: Any) -> Any:
+        if isinstance(value, dict):  # entrypoint_resources
+            return {name: float(amount) for name, amount in value.items()}
+        return int(value) if key == "entrypoint_memory" else float(value)
+
+    try:
+        return {key: number(key, value) for key, value in placement.items()}
+    except (TypeError, ValueError, AttributeError):
+        raise AirflowException(f"driver placement must be numbers, got {placement!r}") from None
 
 
 def job_entrypoint(args: list[str]) -> str:

@@ -7,13 +7,14 @@ as the core API's do (the UI's `_token` cookie or a bearer token) and are checke
 manager per DAG: 401 without credentials, 403 for a DAG the user may not read.
 
 The page costs one XCom query. Finished runs show their manifest (from XCom); running ones ask
-Ray through the task's own connection, in a bounded thread pool with a 3 s budget per page and
-results cached for 10 s, so a slow or dead dashboard never holds a request.
+Ray through the task's own connection (or the cluster its DAG run brought up), in a bounded
+thread pool with a 3 s budget per page and results cached for 10 s, so a slow or dead dashboard
+never holds a request. Connections are looked up again after a minute: a rotated token is used
+without restarting the API server.
 """
 
 from __future__ import annotations
 
-import functools
 import html
 import time
 from collections import OrderedDict
@@ -28,14 +29,17 @@ from fastapi import Depends, FastAPI
 from fastapi.responses import HTMLResponse
 
 from matrix_provider.hooks.ray_jobs import MatrixRayHook
-from matrix_provider.links.ray import CONN_ID_KEY, GRAFANA_URL_KEY, RAY_JOB_URL_KEY
+from matrix_provider.links.ray import CLUSTER_KEY, CONN_ID_KEY, GRAFANA_URL_KEY, RAY_JOB_URL_KEY
 from matrix_provider.protocol import MANIFEST_FIGURES, parse_progress
 
 app = FastAPI(title="Matrix runs")
-_KEYS = (RAY_JOB_URL_KEY, GRAFANA_URL_KEY, CONN_ID_KEY, "return_value")
+_KEYS = (RAY_JOB_URL_KEY, GRAFANA_URL_KEY, CONN_ID_KEY, CLUSTER_KEY, "return_value")
 _PAGE_ROWS = 50
 _LIVE_BUDGET_S = 3.0
 _LIVE_TTL_S = 10.0
+_CONN_TTL_S = 60.0
+# Where a running job is asked about: a connection id, or ("cluster", dashboard URL, token file).
+Source = str | tuple[str, str, str]
 _STYLE = """body{font-family:system-ui,sans-serif;margin:16px;color:#1f2933}
 table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #cbd2d9;padding:4px 10px;text-align:right}
 th{background:#f0f4f8}td.l,th.l{text-align:left}.ok{color:#1b7f3b}.bad{color:#b42318}a{color:#1a56db}"""
@@ -110,19 +114,19 @@ class _LiveCache:
         self._lock = Lock()
         self._size = size
 
-    def get_many(self, jobs: dict[str, str]) -> dict[str, dict[str, Any]]:
-        """{submission id: live view} for {submission id: conn id}; slow answers read 'unknown'."""
+    def get_many(self, jobs: dict[str, Source]) -> dict[str, dict[str, Any]]:
+        """{submission id: live view} for {submission id: where to ask}; slow answers read 'unknown'."""
         now = time.monotonic()
         found: dict[str, dict[str, Any]] = {}
         pending: dict[str, Future[dict[str, Any]]] = {}
         with self._lock:
-            for sid, conn_id in jobs.items():
+            for sid, source in jobs.items():
                 if sid in self._items and now - self._items[sid][0] < _LIVE_TTL_S:
                     found[sid] = self._items[sid][1]
                 elif sid in self._inflight:
                     pending[sid] = self._inflight[sid]
                 else:
-                    pending[sid] = self._inflight[sid] = self._pool.submit(_live, sid, conn_id)
+                    pending[sid] = self._inflight[sid] = self._pool.submit(_live, sid, source)
         for sid, future in pending.items():
             future.add_done_callback(lambda done, sid=sid: self._store(sid, done))
         wait(pending.values(), timeout=_LIVE_BUDGET_S)
@@ -139,22 +143,46 @@ class _LiveCache:
                 self._items.popitem(last=False)
 
 
-@functools.lru_cache(maxsize=64)
+_connections: dict[str, tuple[float, Any]] = {}
+_connections_lock = Lock()
+
+
 def _connection(conn_id: str) -> Any:
-    """The connection behind a conn id (cached: a page must not look one up per row)."""
+    """The connection behind a conn id, kept a minute: a page must not look one up per row, and a
+    rotated token must reach the page without an API server restart."""
     from airflow.models.connection import Connection
 
-    return Connection.get_connection_from_secrets(conn_id)
+    now = time.monotonic()
+    with _connections_lock:
+        cached = _connections.get(conn_id)
+    if cached and now - cached[0] < _CONN_TTL_S:
+        return cached[1]
+    conn = Connection.get_connection_from_secrets(conn_id)
+    with _connections_lock:
+        _connections[conn_id] = (now, conn)
+    return conn
 
 
-def _live(submission_id: str, conn_id: str) -> dict[str, Any]:
+def _hook_for(source: Source) -> MatrixRayHook:
+    if isinstance(source, tuple):
+        _, dashboard_url, token_file = source
+        cluster = {"name": dashboard_url, "dashboard_url": dashboard_url, "token_file": token_file}
+        return MatrixRayHook(cluster=cluster, timeout_s=_LIVE_BUDGET_S, retry_s=0)
+    hook = MatrixRayHook(source, timeout_s=_LIVE_BUDGET_S, retry_s=0)
+    conn = _connection(source)
+    if conn.conn_type != MatrixRayHook.conn_type:
+        raise ValueError(f"connection {source!r} is not of type matrix_ray")
+    hook._endpoint = hook._endpoint_from(conn)
+    return hook
+
+
+def _live(submission_id: str, source: Source) -> dict[str, Any]:
     """State and latest progress of a running job, from Ray through the task's own connection."""
-    hook = MatrixRayHook(conn_id, timeout_s=_LIVE_BUDGET_S, retry_s=0)
     try:
-        conn = _connection(conn_id)
-        if conn.conn_type != MatrixRayHook.conn_type:
-            return {"state": f"unknown (connection {conn_id!r} is not of type matrix_ray)"}
-        hook._endpoint = hook._endpoint_from(conn)
+        hook = _hook_for(source)
+    except ValueError as exc:
+        return {"state": f"unknown ({exc})"}
+    try:
         job = hook.get_job(submission_id) or {}
         progress = next(
             (
@@ -189,10 +217,13 @@ def _views(found: dict[TiKey, dict[str, Any]], user: Any) -> list[dict[str, Any]
             view |= {"state": "SUCCEEDED", **{k: manifest.get(k) for k in MANIFEST_FIGURES}}
         else:
             view["submission_id"] = job_url.rsplit("/", 1)[-1]
-            running[view["submission_id"]] = values.get(CONN_ID_KEY) or MatrixRayHook.default_conn_name
+            running[view["submission_id"]] = _source(values)
         views.append(view)
-    readable = {c for c in set(running.values()) if _may_read_connection(user, c)}
-    live = _LIVE.get_many({s: c for s, c in running.items() if c in readable}) if running else {}
+    conns = {c for c in running.values() if isinstance(c, str)}
+    readable = {c for c in conns if _may_read_connection(user, c)}
+    # A DAG run's own cluster has no connection to guard it: reading the DAG is the permission.
+    allowed = {s: c for s, c in running.items() if not isinstance(c, str) or c in readable}
+    live = _LIVE.get_many(allowed) if running else {}
     for view in views:
         if sid := view.pop("submission_id", None):
             now = live.get(sid, {"state": "unknown (no read access to its connection)"})
@@ -204,6 +235,13 @@ def _views(found: dict[TiKey, dict[str, Any]], user: Any) -> list[dict[str, Any]
                 "tokens_per_s": now.get("tokens_per_s"),
             }
     return views
+
+
+def _source(values: dict[str, Any]) -> Source:
+    cluster = values.get(CLUSTER_KEY)
+    if isinstance(cluster, dict) and cluster.get("dashboard_url"):
+        return ("cluster", str(cluster["dashboard_url"]), str(cluster.get("token_file") or ""))
+    return values.get(CONN_ID_KEY) or MatrixRayHook.default_conn_name
 
 
 def _may_read_connection(user: Any, conn_id: str) -> bool:

@@ -36,6 +36,7 @@ class MatrixRayJobTrigger(BaseTrigger):
         last_progress: str = "",
         stream_progress: bool = True,
         cluster: dict[str, Any] | None = None,
+        cancel_on_kill: bool = True,
     ):
         super().__init__()
         self.submission_id = submission_id
@@ -47,6 +48,7 @@ class MatrixRayJobTrigger(BaseTrigger):
         self.last_progress = last_progress
         self.stream_progress = stream_progress
         self.cluster = cluster
+        self.cancel_on_kill = cancel_on_kill
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -61,6 +63,7 @@ class MatrixRayJobTrigger(BaseTrigger):
                 "last_progress": self.last_progress,
                 "stream_progress": self.stream_progress,
                 "cluster": self.cluster,
+                "cancel_on_kill": self.cancel_on_kill,
             },
         )
 
@@ -136,9 +139,19 @@ class MatrixRayJobTrigger(BaseTrigger):
             self.last_progress = fresh[-1]
 
     async def on_kill(self) -> None:
-        """A user killed the deferred task: stop the Ray job too."""
+        """A user killed the deferred task: stop the Ray job too (unless `cancel_on_kill=False`)."""
+        if not self.cancel_on_kill:
+            self.log.info("left Ray job %s running (cancel_on_kill=False)", self.submission_id)
+            return
         hook = MatrixRayHook(self.ray_conn_id, cluster=self.cluster)
         try:
             self.log.info("stopped Ray job %s: %s", self.submission_id, await hook.astop(self.submission_id))
         finally:
             await hook.aclose()
+
+
+async def first_event(trigger: BaseTrigger) -> dict[str, Any]:
+    """The payload of a trigger's one event (how a worker waits with the trigger's loop)."""
+    async for event in trigger.run():
+        return event.payload
+    raise RuntimeError(f"{type(trigger).__name__} ended without an event")
