@@ -88,7 +88,7 @@ def connect_ray() -> bool:
     if address:
         # Workers on an existing cluster do not share our environment: forward the storage settings
         # that name no secret (FORWARDED_ENV).
-        forwarded = {k: v for k, v in os.environ.items() if k in FORWARDED_ENV}
+        forwarded = {k: v for k, v in os.environ.items() if k in FORWARDED_ENV and k not in _job_env_vars()}
         ray.init(
             address=address,
             namespace=names.NAMESPACE,
@@ -99,6 +99,14 @@ def connect_ray() -> bool:
     # "local" starts a fresh Ray even when an earlier cluster on this machine left its address behind.
     ray.init(address="local", namespace=names.NAMESPACE, include_dashboard=False, log_to_driver=True)
     return True
+
+
+def _job_env_vars() -> dict[str, str]:
+    """The env_vars of the Ray job this driver runs as (Ray refuses a ray.init that names one again)."""
+    injected = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")  # set by Ray Jobs for its entrypoint
+    if not injected:
+        return {}
+    return (json.loads(injected).get("runtime_env") or {}).get("env_vars") or {}
 
 
 def run_backend(spec: PipelineSpec) -> Any:
