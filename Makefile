@@ -53,10 +53,12 @@ demo: $(VENV)/.installed-demo
 		--partitions 2 --concurrency 16
 
 # `make demo` as a newcomer runs it: a fresh clone of HEAD, only /usr/bin:/bin on PATH (the system's
-# Python, no uv), an empty HOME (no caches). Needs PyPI.
+# Python, no uv), an empty HOME (no caches). Needs PyPI; the machine's CA settings are kept
+# (SSL_CERT_FILE/SSL_CERT_DIR, where a TLS-inspecting proxy needs them).
 fresh-demo:
 	rm -rf /tmp/matrix-fresh && git clone --quiet . /tmp/matrix-fresh/repo && mkdir /tmp/matrix-fresh/home
-	cd /tmp/matrix-fresh/repo && env -i PATH=/usr/bin:/bin HOME=/tmp/matrix-fresh/home LANG=C.UTF-8 make demo
+	cd /tmp/matrix-fresh/repo && env -i PATH=/usr/bin:/bin HOME=/tmp/matrix-fresh/home LANG=C.UTF-8 \
+		$(if $(SSL_CERT_FILE),SSL_CERT_FILE=$(SSL_CERT_FILE)) $(if $(SSL_CERT_DIR),SSL_CERT_DIR=$(SSL_CERT_DIR)) make demo
 	test -f /tmp/matrix-fresh/repo/demo-output/_SUCCESS
 
 lint: install
