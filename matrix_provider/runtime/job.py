@@ -243,7 +243,8 @@ def _run_units(
                 pools.extend(_start_sandbox_pools(spec, lease.run_id))
             actors.start()
             resumed_rows = sum(r["rows_in"] for r in records.values())
-            scheduler = UnitScheduler(spec, actors, lease, quiet, resumed_rows)
+            reporter = Reporter(len(todo), resumed_rows, spec.run.progress_every_s, quiet)
+            scheduler = UnitScheduler(spec, actors, lease, reporter)
             scheduler.run(todo, records)
             if scheduler.changed:
                 lease.check()  # a run taken over while it read says so, not that its input changed
@@ -321,13 +322,13 @@ class Pinger:
 class UnitScheduler:
     """Hands units to drivers, re-queues a dead driver's units, watches agents, reports progress."""
 
-    def __init__(self, spec: PipelineSpec, actors: RunActors, lease: Lease, quiet: bool, resumed: int):
+    def __init__(self, spec: PipelineSpec, actors: RunActors, lease: Lease, reporter: Reporter):
         self.spec = spec
         self.actors = actors
         self.drivers = actors.drivers  # grows when the second wave starts
         self.lease = lease
-        self.resumed = resumed
-        self.reporter = Reporter(None, quiet=quiet)
+        self.reporter = reporter
+        self.units_done = 0
         self.incarnations: dict[str, str] = {}
         self.agent_pings = Pinger(actors.agents, "incarnation")
         self.stats_pings = Pinger({}, "stats")
@@ -400,6 +401,7 @@ class UnitScheduler:
         unit whose file changed under the run: it is not tried again)."""
         try:
             records[unit.uid] = ray.get(ref)
+            self.units_done += 1
             return None
         except ray.exceptions.RayTaskError as exc:
             cause = exc.cause if exc.cause is not None else exc
@@ -436,9 +438,8 @@ class UnitScheduler:
         if self.stats:
             totals = {k: sum(s[k] for s in self.stats.values()) for k in next(iter(self.stats.values()))}
             self.peak_held = max(s["peak_held"] for s in self.stats.values())
-            totals["rows_resumed"] += self.resumed
             self.peak_in_flight = max(self.peak_in_flight, totals["in_flight"])
-            self.reporter.update(totals)
+            self.reporter.update(totals, self.units_done)
 
 
 _CHANGED = "changed: "

@@ -134,6 +134,9 @@ class RunSpec(_Strict):
     partitions: int = Field(1, ge=1)
     concurrency: int = Field(64, ge=1, description="rows in flight per partition")
     overwrite: bool = False
+    progress_every_s: float = Field(
+        30.0, gt=0, description="off a terminal, a progress line this often (and at each 1 % of the units)"
+    )
 
 
 class PipelineSpec(_Strict):
