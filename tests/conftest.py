@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -64,6 +65,7 @@ class RayCluster:
     serve_port: int
     token: str | None
     env: dict[str, str]
+    temp_dir: Path  # its own Ray temp dir: session logs, and the address file Ray Jobs resolves "auto" by
 
 
 def _kill_cluster(gcs_port: int) -> None:
@@ -90,11 +92,12 @@ def ensure_token(env: dict[str, str]) -> str:
     return token_file.read_text().strip()
 
 
-def _head_command(gcs_port: int, dash_port: int) -> list[str]:
+def _head_command(gcs_port: int, dash_port: int, temp_dir: Path) -> list[str]:
     return [
         str(VENV_BIN / "ray"),
         "start",
         "--head",
+        f"--temp-dir={temp_dir}",
         f"--port={gcs_port}",
         "--node-ip-address=127.0.0.1",
         "--dashboard-host=127.0.0.1",
@@ -125,11 +128,15 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster
     # On a loaded machine Ray's start-up gives up waiting for its raylet to register (15 s by default):
     # wait longer, and try again once.
     start_env = {**env, "RAY_raylet_start_wait_time_s": "120"}
+    # A temp dir of its own: a Ray job's driver finds its cluster through the `ray_current_cluster`
+    # file in the head's temp dir, which another cluster started on this machine (a second checkout's
+    # suite, the chaos stand) would otherwise overwrite, sending this cluster's jobs to the other's GCS.
+    temp_dir = Path(tempfile.mkdtemp(prefix="rayt-", dir="/tmp"))  # short: Ray's socket paths must fit
     for attempt in (1, 2):
         gcs_port, dash_port = free_port(), free_port()
         try:
             started = subprocess.run(
-                _head_command(gcs_port, dash_port),
+                _head_command(gcs_port, dash_port, temp_dir),
                 env=start_env,
                 cwd=workdir,
                 capture_output=True,
@@ -147,12 +154,10 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster
     run_env = {**env, "RAY_ADDRESS": f"127.0.0.1:{gcs_port}"}
     wait_port(dash_port)
     try:
-        yield RayCluster(f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dash_port}", serve_port, token, run_env)
+        yield RayCluster(f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dash_port}", serve_port, token, run_env, temp_dir)
     finally:
         _kill_cluster(gcs_port)
-        current = Path("/tmp/ray/ray_current_cluster")  # left behind when a head is not `ray stop`ped
-        if current.exists() and current.read_text().strip().endswith(f":{gcs_port}"):
-            current.unlink()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

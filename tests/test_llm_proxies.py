@@ -37,7 +37,7 @@ def _args(backend: str, upstream: StandIn, src: Path, out: Path, **extra: str) -
 
 def _ray_logs_contain(ray_cluster, text: str) -> list[str]:
     hits = []
-    for path in glob.glob("/tmp/ray/session_latest/logs/**/*", recursive=True):
+    for path in glob.glob(f"{ray_cluster.temp_dir}/session_latest/logs/**/*", recursive=True):
         try:
             if text in Path(path).read_text(errors="ignore"):
                 hits.append(path)
