@@ -18,8 +18,9 @@ ARG PYTHON_VERSION
 # A URL, or a file under wheels/ seen as /tmp/matrix/wheels/<name> (an offline build or a mirror).
 ARG AIRFLOW_CONSTRAINTS=https://raw.githubusercontent.com/apache/airflow/constraints-${AIRFLOW_VERSION}/constraints-${PYTHON_VERSION}.txt
 ARG MATRIX_VERSION=0.1.0
-# Extras of matrix-provider: empty for the core, `s3` to read an s3:// output's manifest from the workers.
-ARG MATRIX_EXTRAS=""
+# Extras of matrix-provider: `airflow` (the provider's Airflow floor), plus `s3` to read an s3:// output's
+# manifest from the workers.
+ARG MATRIX_EXTRAS="airflow"
 LABEL org.opencontainers.image.title="Apache Airflow with matrix-provider" \
       org.opencontainers.image.description="Airflow ${AIRFLOW_VERSION} (Python ${PYTHON_VERSION}) with the matrix-provider" \
       org.opencontainers.image.version="${MATRIX_VERSION}" \

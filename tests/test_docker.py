@@ -113,6 +113,7 @@ def test_runtime_requirements_are_the_lock_export():
     assert len(pins) > 100
     assert ("ray", _lock_version("ray")) in pins
     assert ("xllamacpp", _lock_version("xllamacpp")) in pins  # the embedded extra is in
+    assert not [name for name, _ in pins if name.startswith("apache-airflow")], "a Ray node installs no Airflow"
     # Every requirement carries a hash: the Dockerfile installs with --require-hashes.
     blocks = re.split(r"\n(?=[A-Za-z0-9])", text.split("\n", 2)[2])
     assert all("--hash=sha256:" in block for block in blocks if "==" in block)
