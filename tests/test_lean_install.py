@@ -3,8 +3,8 @@
 An Airflow worker needs neither Ray nor an LLM engine: the Airflow side talks to Ray over the Jobs
 REST API, and the runtime (the `runtime` and `embedded` extras) is installed on the Ray cluster only.
 Here the wheel with its `airflow` extra goes into a fresh venv beside `apache-airflow==3.3.2` alone;
-in that venv a DAG with `MatrixPipelineOperator` parses and runs with `dag.test()` against the session's Ray cluster, whose
-`matrix` command comes from the main venv.
+in that venv a DAG with `MatrixPipelineOperator` parses and runs with `dag.test()` against the
+session's Ray cluster, whose `matrix` command comes from the main venv.
 """
 
 from __future__ import annotations
@@ -102,8 +102,8 @@ def lean_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = getattr(sys, "_base_executable", sys.executable)  # the interpreter the main venv was made from
     _run([UV, "venv", "--quiet", "--python", base, root / "venv"])
     python = root / "venv" / "bin" / "python"
-    provider = f"{wheel}[airflow]"
-    _run([UV, "pip", "install", "--quiet", "--python", python, f"apache-airflow=={AIRFLOW}", provider, "-c", CONSTRAINTS])
+    pins = [f"apache-airflow=={AIRFLOW}", f"{wheel}[airflow]", "-c", CONSTRAINTS]
+    _run([UV, "pip", "install", "--quiet", "--python", python, *pins])
     return python
 
 
