@@ -43,7 +43,7 @@ def main() -> None:
     if runner in USES_RAY:
         import ray
 
-        from matrix_provider.runtime.names import NAMESPACE
+        from matrix_provider.names import NAMESPACE
 
         ray.init(namespace=NAMESPACE, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
         import ray.data

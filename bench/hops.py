@@ -32,7 +32,7 @@ import psutil
 import pyarrow as pa
 import ray
 
-from matrix_provider.runtime import names
+from matrix_provider import names
 from matrix_provider.runtime.agents import Agent
 from matrix_provider.runtime.chains import plan_chains
 from matrix_provider.runtime.orchestrator import OK, Orchestrator

@@ -61,8 +61,8 @@ from bench.sampling import Sampler  # noqa: E402
 from bench.workload import CONTROLLER_BOUND, CORAL, IN_PROCESS_MODEL, NATURAL_REASONING, Workload  # noqa: E402
 from matrix_provider.llm.backends import client_config, deploy  # noqa: E402
 from matrix_provider.llm.sim_server import deploy_sim  # noqa: E402
+from matrix_provider.names import NAMESPACE  # noqa: E402
 from matrix_provider.runtime.job import backend_app_suffix, run_backend  # noqa: E402
-from matrix_provider.runtime.names import NAMESPACE  # noqa: E402
 from matrix_provider.runtime.spec import compose  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"

@@ -42,7 +42,7 @@ def _inner(out: Path, rows: int, in_flight: int, work: Path) -> None:
     from bench.run import BACKEND
     from bench.sampling import Sampler
     from matrix_provider.llm.sim_server import deploy_sim
-    from matrix_provider.runtime.names import NAMESPACE
+    from matrix_provider.names import NAMESPACE
     from matrix_provider.runtime.spec import compose
 
     ray.init(namespace=NAMESPACE, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import ray
 
-from matrix_provider.runtime import names
+from matrix_provider import names
 from matrix_provider.runtime.agents import Agent
 from matrix_provider.runtime.chains import plan_chains
 from matrix_provider.runtime.pipeline import load_pipeline

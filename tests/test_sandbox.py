@@ -265,7 +265,7 @@ def test_apptainer_argv_and_spec_checks() -> None:
 def test_pool_actor_survives_a_restart_and_its_kill_leaves_no_sandbox(ray_client) -> None:
     import ray
 
-    from matrix_provider.runtime import names
+    from matrix_provider import names
     from matrix_provider.sandbox.pool import SandboxPoolActor
 
     run_id = uuid.uuid4().hex[:8]

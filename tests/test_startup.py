@@ -10,7 +10,7 @@ import uuid
 import pytest
 import ray
 
-from matrix_provider.runtime import names
+from matrix_provider import names
 from matrix_provider.runtime.actors import RunActors, first_roles
 from matrix_provider.runtime.agents import PeerDirectory, PeerMissing, hand_off
 from matrix_provider.runtime.chains import Chain

@@ -20,7 +20,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from matrix_provider.llm.client import ATTEMPT_HEADER, REPLICA_HEADER
 from matrix_provider.llm.sim import HANG_S, SimEngine
 from matrix_provider.llm.spec import SimSpec
-from matrix_provider.runtime.names import NAMESPACE
+from matrix_provider.names import NAMESPACE
 
 
 @ray.remote(num_cpus=0, max_restarts=-1)

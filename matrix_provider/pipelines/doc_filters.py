@@ -18,89 +18,20 @@ Words are split by `RegexWords`, not spaCy (datatrove's English default): no 200
 from __future__ import annotations
 
 import inspect
-import re
-from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from matrix_provider.pipelines.heuristics import HEURISTIC_DEFAULTS
 
 if TYPE_CHECKING:  # datatrove imports in ~0.7 s: only drivers that admit rows pay it, on first use
     from datatrove.pipeline.filters.base_filter import BaseFilter
 
 DATATROVE_BLOCKS = ("fineweb_quality", "gopher_quality", "gopher_repetition", "c4_quality")
 """datatrove's blocks in the order they run (cheapest first, C4 last because it rewrites the text)."""
-HEURISTIC_DEFAULTS = {"min_words": 150, "min_stopword_share": 0.15, "min_cues_per_1000_words": 24.0}
-
-_WORD = re.compile(r"[A-Za-z']+")
-_STOPWORDS = frozenset(
-    [
-        "the",
-        "of",
-        "and",
-        "to",
-        "a",
-        "in",
-        "is",
-        "that",
-        "it",
-        "for",
-        "as",
-        "with",
-        "be",
-        "on",
-        "this",
-        "are",
-        "by",
-        "not",
-        "or",
-        "can",
-        "an",
-        "if",
-    ]
-)
-_CUES = frozenset(
-    [
-        "because",
-        "therefore",
-        "thus",
-        "hence",
-        "since",
-        "so",
-        "why",
-        "how",
-        "if",
-        "then",
-        "must",
-        "implies",
-        "means",
-        "example",
-        "reason",
-        "consequently",
-        "however",
-        "although",
-        "whereas",
-        "suppose",
-        "assume",
-    ]
-)
 
 
 class ParamsError(ValueError):
     """A filter parameter in the spec's `params` that cannot work; the message names the key."""
-
-
-def heuristic_verdict(text: str, params: dict[str, Any]) -> str | None:
-    """None when the document may hold reasoning, else why it is filtered (our own checks)."""
-    counts = Counter(map(str.lower, _WORD.findall(text)))  # one pass; counting beats a word list
-    words = counts.total()
-    if words < params["min_words"] or not words:
-        return f"too short ({words} words)"
-    stop_share = sum(counts[w] for w in _STOPWORDS) / words
-    if stop_share < params["min_stopword_share"]:
-        return f"not English prose (stopword share {stop_share:.2f})"
-    cue_density = 1000 * sum(counts[w] for w in _CUES) / words
-    if cue_density < params["min_cues_per_1000_words"]:
-        return f"few reasoning cues ({cue_density:.1f} per 1000 words)"
-    return None
 
 
 @dataclass(frozen=True)

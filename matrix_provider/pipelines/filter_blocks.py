@@ -20,7 +20,7 @@ from datatrove.pipeline.filters.gopher_repetition_filter import GopherRepetition
 from datatrove.utils.text import PUNCTUATION_SET, TERMINAL_PUNCTUATION, split_into_words
 from datatrove.utils.word_tokenizers import WordTokenizer
 
-from matrix_provider.pipelines.doc_filters import heuristic_verdict
+from matrix_provider.pipelines.heuristics import heuristic_verdict
 
 BLOCKS: dict[str, type[BaseFilter]] = {
     "fineweb_quality": FineWebQualityFilter,

@@ -18,7 +18,7 @@ from typing import Any
 
 import ray
 
-from matrix_provider.runtime import names
+from matrix_provider import names
 from matrix_provider.runtime.agents import Agent
 from matrix_provider.runtime.chains import Chain, plan_chains
 from matrix_provider.runtime.driver import PartitionDriver

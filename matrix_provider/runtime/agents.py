@@ -33,8 +33,8 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError, RayError
 
+from matrix_provider import names
 from matrix_provider.llm.client import ClientConfig, LLMClient, LLMError
-from matrix_provider.runtime import names
 from matrix_provider.runtime.chains import Chain, plan_chains
 from matrix_provider.runtime.metrics import RoleMetrics
 from matrix_provider.runtime.orchestrator import ERROR, Orchestrator

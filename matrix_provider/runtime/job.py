@@ -28,9 +28,8 @@ from typing import Any
 
 import ray
 
-from matrix_provider import __version__
+from matrix_provider import __version__, names
 from matrix_provider.llm import backends
-from matrix_provider.runtime import names
 from matrix_provider.runtime.actors import ActorInitFailed, RunActors
 from matrix_provider.runtime.lease import Lease, StaleRun, take_output
 from matrix_provider.runtime.pipeline import Pipeline, load_pipeline

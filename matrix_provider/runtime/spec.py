@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from matrix_provider.errors import SpecError
 from matrix_provider.llm.spec import LLMSpec
 from matrix_provider.protocol import PIPELINES_DIR, shipped_pipelines
 from matrix_provider.sandbox.spec import SandboxSpec
@@ -61,10 +62,6 @@ OPERATIONAL_KEYS = frozenset(
         "engine_env",
     }
 )
-
-
-class SpecError(ValueError):
-    """A spec, override or run argument is wrong; the message names the key and the fix."""
 
 
 class _Strict(BaseModel):

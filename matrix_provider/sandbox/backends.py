@@ -18,7 +18,7 @@ import os
 import shutil
 import sys
 
-from matrix_provider.runtime.spec import SpecError
+from matrix_provider.errors import SpecError
 from matrix_provider.sandbox.spec import SandboxSpec
 
 WORKER_MODULE = "matrix_provider.sandbox.worker"

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import ray
 from ray.exceptions import RayActorError
 
-from matrix_provider.runtime import names
+from matrix_provider import names
 from matrix_provider.sandbox.pool import SandboxPool
 
 if TYPE_CHECKING:

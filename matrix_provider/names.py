@@ -1,4 +1,5 @@
-"""Actor names: every actor carries its run and role so `ray list actors` shows who is who."""
+"""Actor names and the namespace: every actor carries its run and role so `ray list actors` shows who
+is who. A bottom module: the runtime, the sandbox and the LLM servers all name actors."""
 
 NAMESPACE = "matrix"
 
