@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
-from ray.util.state import list_actors
 
 from tests.conftest import REPO, VENV_BIN, S3Server, free_port, start_seaweed, wait_port
 from tests.corpus import write_jsonl
@@ -198,6 +197,10 @@ class Schedule:
         _count(self.outcome.injected if done is not False else self.outcome.skipped, kind)
 
     def _actor(self, part: str) -> bool:
+        # Imported here, after tests.conftest set RAY_AUTH_MODE=token: Ray reads it once, at import,
+        # and `python -m tests.chaos` (make chaos) would otherwise ask the State API without the token.
+        from ray.util.state import list_actors
+
         actors = [
             a
             for a in list_actors(address=self.cluster.dashboard_url, filters=[("state", "=", "ALIVE")], limit=1000)
