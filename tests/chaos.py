@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
+import psutil
 
 from tests.conftest import REPO, VENV_BIN, S3Server, free_port, start_seaweed, wait_port
 from tests.corpus import write_jsonl
@@ -220,6 +221,8 @@ class Schedule:
 
     def _kill_node(self) -> bool:
         index = self.rng.randrange(len(self.cluster.workers))
+        if not psutil.pid_exists(self.cluster.workers[index].raylet_pid):  # still being replaced
+            return False
         node_id = kill_worker_raylet(self.cluster, index)
         wait_node_dead(self.cluster, node_id)
         self.threads.append(_background(lambda: replace_worker(self.cluster, index)))
