@@ -94,9 +94,11 @@ def _with_default_outlets(task_id: str, kwargs: dict[str, Any], alias: str | Non
 
 
 def _owner(ti: Any) -> dict[str, str]:
-    """The job metadata naming the task instance (and deployment) a job belongs to."""
+    """The job metadata naming the task instance (and deployment, when set: jobs of an unnamed
+    deployment, and those of earlier versions, carry no such key) a job belongs to."""
+    named = {"airflow_deployment": deployment()} if deployment() else {}
     return {
-        "airflow_deployment": deployment(),
+        **named,
         "airflow_dag_id": ti.dag_id,
         "airflow_task_id": ti.task_id,
         "airflow_run_id": ti.run_id,
@@ -290,9 +292,9 @@ class MatrixPipelineOperator(BaseOperator):
     def _stop_superseded(self, hook: MatrixRayHook, ti: Any, new_id: str) -> None:
         """New work for this task instance: stop its jobs still running older work (a retry after the
         work changed, force_rerun, a clear mid-run), or the two would race for the same output."""
-        mine = _owner(ti)
+        mine = {"airflow_deployment": "", **_owner(ti)}
         for job in hook.list_jobs():
-            meta = job.get("metadata") or {}
+            meta = {"airflow_deployment": "", **(job.get("metadata") or {})}
             if job.get("status") in ACTIVE and job.get("submission_id") != new_id and mine.items() <= meta.items():
                 self.log.warning("stopping Ray job %s, superseded by %s (new work)", job["submission_id"], new_id)
                 hook.stop(job["submission_id"])

@@ -7,7 +7,8 @@ as the core API's do (the UI's `_token` cookie or a bearer token) and are checke
 manager per DAG: 401 without credentials, 403 for a DAG the user may not read.
 
 The page costs one XCom query. Finished runs show their manifest (from XCom); running ones ask
-Ray through the task's own connection (or the cluster its DAG run brought up), in a bounded
+Ray through the task's own connection (a job on its DAG run's own cluster is shown with its
+Ray link only), in a bounded
 thread pool with a 3 s budget per page and results cached for 10 s, so a slow or dead dashboard
 never holds a request. Connections are looked up again after a minute: a rotated token is used
 without restarting the API server.
@@ -38,8 +39,9 @@ _PAGE_ROWS = 50
 _LIVE_BUDGET_S = 3.0
 _LIVE_TTL_S = 10.0
 _CONN_TTL_S = 60.0
-# Where a running job is asked about: a connection id, or ("cluster", dashboard URL, token file).
-Source = str | tuple[str, str, str]
+# Where a running job is asked about: a connection id, or _OWN_CLUSTER (not asked: see _live).
+_OWN_CLUSTER = object()
+Source = str | object
 _STYLE = """body{font-family:system-ui,sans-serif;margin:16px;color:#1f2933}
 table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #cbd2d9;padding:4px 10px;text-align:right}
 th{background:#f0f4f8}td.l,th.l{text-align:left}.ok{color:#1b7f3b}.bad{color:#b42318}a{color:#1a56db}"""
@@ -163,21 +165,23 @@ def _connection(conn_id: str) -> Any:
     return conn
 
 
-def _hook_for(source: Source) -> MatrixRayHook:
-    if isinstance(source, tuple):
-        _, dashboard_url, token_file = source
-        cluster = {"name": dashboard_url, "dashboard_url": dashboard_url, "token_file": token_file}
-        return MatrixRayHook(cluster=cluster, timeout_s=_LIVE_BUDGET_S, retry_s=0)
-    hook = MatrixRayHook(source, timeout_s=_LIVE_BUDGET_S, retry_s=0)
-    conn = _connection(source)
+def _hook_for(conn_id: str) -> MatrixRayHook:
+    hook = MatrixRayHook(conn_id, timeout_s=_LIVE_BUDGET_S, retry_s=0)
+    conn = _connection(conn_id)
     if conn.conn_type != MatrixRayHook.conn_type:
-        raise ValueError(f"connection {source!r} is not of type matrix_ray")
+        raise ValueError(f"connection {conn_id!r} is not of type matrix_ray")
     hook._endpoint = hook._endpoint_from(conn)
     return hook
 
 
 def _live(submission_id: str, source: Source) -> dict[str, Any]:
-    """State and latest progress of a running job, from Ray through the task's own connection."""
+    """State and latest progress of a running job, from Ray through the task's own connection.
+
+    A job on a cluster its DAG run brought up is not asked about: its address and token file come
+    from XCom, which a task writes, and the API server must not send a file it names to a URL it
+    names. Its Ray link works."""
+    if source is _OWN_CLUSTER:
+        return {"state": "unknown (on its DAG run's own cluster: open its Ray link)"}
     try:
         hook = _hook_for(source)
     except ValueError as exc:
@@ -221,7 +225,6 @@ def _views(found: dict[TiKey, dict[str, Any]], user: Any) -> list[dict[str, Any]
         views.append(view)
     conns = {c for c in running.values() if isinstance(c, str)}
     readable = {c for c in conns if _may_read_connection(user, c)}
-    # A DAG run's own cluster has no connection to guard it: reading the DAG is the permission.
     allowed = {s: c for s, c in running.items() if not isinstance(c, str) or c in readable}
     live = _LIVE.get_many(allowed) if running else {}
     for view in views:
@@ -238,9 +241,8 @@ def _views(found: dict[TiKey, dict[str, Any]], user: Any) -> list[dict[str, Any]
 
 
 def _source(values: dict[str, Any]) -> Source:
-    cluster = values.get(CLUSTER_KEY)
-    if isinstance(cluster, dict) and cluster.get("dashboard_url"):
-        return ("cluster", str(cluster["dashboard_url"]), str(cluster.get("token_file") or ""))
+    if values.get(CLUSTER_KEY):
+        return _OWN_CLUSTER
     return values.get(CONN_ID_KEY) or MatrixRayHook.default_conn_name
 
 

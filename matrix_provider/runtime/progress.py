@@ -31,7 +31,7 @@ class Reporter:
 
     On a terminal a rich bar over the run's units; elsewhere `[matrix] progress …` lines (which the
     Airflow trigger streams into the task log): the first after 2 s, then every `every_s` or at each
-    1 % of the units, and one at the end, so a 12-hour run writes hundreds of lines, not 21,600.
+    1 % of the units, and one at the end: about 1,500 lines over a 12-hour run, not 21,600.
     """
 
     def __init__(self, units_todo: int, rows_resumed: int, every_s: float, quiet: bool = False):
@@ -62,6 +62,8 @@ class Reporter:
 
     def tokens_per_s(self, now: float, tokens: int) -> float:
         """Over the last `_RATE_WINDOW_S`: a stall shows as a stall, not as a slowly falling average."""
+        if self.window and tokens < self.window[-1][1]:  # a restarted driver counts from 0 again
+            self.window.clear()
         self.window.append((now, tokens))
         while len(self.window) > 2 and now - self.window[1][0] >= _RATE_WINDOW_S:
             self.window.popleft()

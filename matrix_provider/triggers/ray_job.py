@@ -122,8 +122,11 @@ class MatrixRayJobTrigger(BaseTrigger):
     async def _timeout(self, hook: MatrixRayHook) -> TriggerEvent:
         """TIMEOUT, after trying to stop the job: a stop that fails is reported, never a crashed trigger."""
         try:
-            stopped = await hook.astop(self.submission_id)
-            outcome = "the Ray job was stopped" if stopped else "the Ray job had already ended"
+            if not await hook.astop(self.submission_id):  # it ended first: report how it ended
+                job = await hook.aget_job(self.submission_id)
+                if job is not None and job["status"] in TERMINAL:
+                    return self._event(job["status"], job.get("message") or "")
+            outcome = "the Ray job was stopped"
         except RayJobsError as exc:
             outcome = f"stopping Ray job {self.submission_id} failed ({exc}): stop it by hand"
         return self._event("TIMEOUT", f"execution_timeout reached; {outcome}")
