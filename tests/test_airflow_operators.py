@@ -330,10 +330,7 @@ def test_matrix_view_sees_a_rotated_token_and_asks_a_dag_runs_own_cluster(ray_cl
     sid = _sleeping_job(hook, 60)
     try:
         _wait_status(hook, sid, {"RUNNING"})
-        token_file = tmp_path / "token"
-        token_file.write_text(ray_cluster.token)
-        cluster = {"name": "per-run", "dashboard_url": ray_cluster.dashboard_url, "token_file": str(token_file)}
-        values = {ui.CONN_ID_KEY: "no_such_connection", ui.CLUSTER_KEY: cluster}
+        values = {ui.CONN_ID_KEY: "no_such_connection", ui.CLUSTER_KEY: "per-run"}
         assert ui._live(sid, ui._source(values))["state"].startswith("unknown (on its DAG run's own cluster")
         assert ui._live(sid, "rotated")["state"] == "RUNNING"
     finally:

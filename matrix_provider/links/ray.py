@@ -14,7 +14,7 @@ RAY_JOB_URL_KEY = "matrix_ray_job_url"
 GRAFANA_URL_KEY = "matrix_grafana_url"
 # The rendered `ray_conn_id`: the UI asks Ray about a running job through the task's own connection.
 CONN_ID_KEY = "matrix_ray_conn_id"
-# A task on a cluster its DAG run brought up (`cluster=`): the UI asks that cluster, not a connection.
+# The name of the cluster its DAG run brought up (`cluster=`): the UI then asks no connection about it.
 CLUSTER_KEY = "matrix_ray_cluster"
 
 

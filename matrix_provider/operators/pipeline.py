@@ -96,9 +96,9 @@ def _with_default_outlets(task_id: str, kwargs: dict[str, Any], alias: str | Non
 def _owner(ti: Any) -> dict[str, str]:
     """The job metadata naming the task instance (and deployment, when set: jobs of an unnamed
     deployment, and those of earlier versions, carry no such key) a job belongs to."""
-    named = {"airflow_deployment": deployment()} if deployment() else {}
+    where = deployment()
     return {
-        **named,
+        **({"airflow_deployment": where} if where else {}),
         "airflow_dag_id": ti.dag_id,
         "airflow_task_id": ti.task_id,
         "airflow_run_id": ti.run_id,
@@ -313,9 +313,8 @@ class MatrixPipelineOperator(BaseOperator):
         context["ti"].xcom_push(key=RAY_JOB_URL_KEY, value=ray_job_url(endpoint.dashboard_url, submission_id))
         context["ti"].xcom_push(key=GRAFANA_URL_KEY, value=grafana_url(endpoint.grafana_url, submission_id))
         context["ti"].xcom_push(key=CONN_ID_KEY, value=self.ray_conn_id)
-        if self.cluster:  # only its address and token file's path, never a token
-            cluster = {k: self.cluster.get(k) for k in ("name", "dashboard_url", "token_file")}
-            context["ti"].xcom_push(key=CLUSTER_KEY, value=cluster)
+        if self.cluster:  # the UI shows such a job with its Ray link only: it needs just the name
+            context["ti"].xcom_push(key=CLUSTER_KEY, value=self.cluster.get("name") or "unnamed")
         if not self.wait_for_completion:
             return {"ray_submission_id": submission_id, "status": (job or {}).get("status", "PENDING")}
         if job is not None and job["status"] == "SUCCEEDED":

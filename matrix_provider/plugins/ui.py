@@ -8,10 +8,9 @@ manager per DAG: 401 without credentials, 403 for a DAG the user may not read.
 
 The page costs one XCom query. Finished runs show their manifest (from XCom); running ones ask
 Ray through the task's own connection (a job on its DAG run's own cluster is shown with its
-Ray link only), in a bounded
-thread pool with a 3 s budget per page and results cached for 10 s, so a slow or dead dashboard
-never holds a request. Connections are looked up again after a minute: a rotated token is used
-without restarting the API server.
+Ray link only), in a bounded thread pool with a 3 s budget per page and results cached for 10 s,
+so a slow or dead dashboard never holds a request. Connections are looked up again after a
+minute: a rotated token is used without restarting the API server.
 """
 
 from __future__ import annotations
