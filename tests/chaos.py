@@ -147,6 +147,13 @@ class Schedule:
         fs.invalidate_cache()
         return len(fs.glob(f"{self.out.removeprefix('s3://')}/_leases/*.json"))
 
+    def _lease_pids(self) -> set[int]:
+        """The pids of the runs that have held the output (each lease file names its run's pid)."""
+        fs = fsspec.filesystem("s3", **self.s3.storage_options())
+        fs.invalidate_cache()
+        files = fs.glob(f"{self.out.removeprefix('s3://')}/_leases/*.json")
+        return {int(json.loads(fs.cat_file(f)).get("pid", -1)) for f in files}
+
     def run(self) -> Outcome:
         started = time.monotonic()
         self._write_input()
@@ -241,9 +248,12 @@ class Schedule:
         assert self.current is not None
         if self.current.poll() is not None:
             return False
-        before = self._generations()
         frozen, verdict = self.current, {"taken": False}
         os.killpg(frozen.pid, signal.SIGSTOP)
+        before = self._generations()
+        # Only a run that held the output can be taken over: one frozen before it took its lease
+        # may take it legitimately once thawed (after the other run finished) and end on its own terms.
+        held = frozen.pid in self._lease_pids()
         self.frozen.append((frozen, verdict))
         time.sleep(2 * TTL_S + 1)  # past the TTL by the store's clock
         self.current = self._start()
@@ -254,7 +264,7 @@ class Schedule:
             while self._generations() <= before and time.monotonic() < deadline:
                 time.sleep(0.5)
             time.sleep(thaw_in)
-            verdict["taken"] = self._generations() > before
+            verdict["taken"] = held and self._generations() > before
             _cont(frozen)
 
         self.threads.append(_background(thaw))
